@@ -1,0 +1,137 @@
+"""The backbone interface: everything the engine needs to know about a model family, and nothing more.
+
+The engine (``ivtlr.engine``) never names a model family; it asks a :class:`Backbone` for input-level embeddings,
+image-token positions, position ids, the decoder call and the LM head.
+"""
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+
+
+def unwrap_peft(model: nn.Module) -> PreTrainedModel:
+    """Return the transformers model inside a PEFT wrapper (LoRA layers are injected in place, so calling the
+    unwrapped model's sub-modules still runs the adapters)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+@dataclass
+class Embedded:
+    """Input-level embeddings of a batch: token embeddings with the image rows already filled in."""
+
+    embeds: torch.Tensor  # (B, S, D)
+    image_mask: torch.Tensor  # (B, S) bool: True at image-token positions, in image-token order
+
+
+class Backbone(ABC):
+    """Family-specific glue between the IVT-LR engine and a transformers VLM."""
+
+    #: model_type values (``config.model_type``) this adapter handles.
+    model_types: tuple[str, ...] = ()
+    #: K used when the user does not choose one (the original's setting for the family).
+    default_num_selected_patches: int = 32
+    #: renames from the transformers 4.51 weight layout (the released checkpoints) to the current one.
+    legacy_key_renames: tuple[tuple[str, str], ...] = ()
+
+    def __init__(self, model: nn.Module):
+        self.wrapped = model
+        self.model = unwrap_peft(model)
+        self.config = self.model.config
+
+    # ---- ids -------------------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def image_token_id(self) -> int:
+        """Placeholder id whose positions carry image embeddings."""
+
+    @property
+    def eos_token_id(self) -> int | None:
+        for cfg in (getattr(self.model, "generation_config", None), self.text_config, self.config):
+            eos = getattr(cfg, "eos_token_id", None) if cfg is not None else None
+            if eos is not None:
+                return eos[0] if isinstance(eos, (list, tuple)) else int(eos)
+        return None
+
+    @property
+    def text_config(self):
+        return self.config.get_text_config()
+
+    # ---- modules ---------------------------------------------------------------------------------------
+    @abstractmethod
+    def decoder(self) -> nn.Module:
+        """The text decoder (embeddings in, final-norm hidden states out, key/value cache aware)."""
+
+    @abstractmethod
+    def lm_head(self) -> nn.Module:
+        """The output projection."""
+
+    def input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def attention_modules(self) -> list[nn.Module]:
+        """The decoder's self-attention modules, whose attention rows rank image patches."""
+        return [layer.self_attn for layer in self.decoder().layers]
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.decoder().config._attn_implementation or "eager"
+
+    # ---- computation -----------------------------------------------------------------------------------
+    @abstractmethod
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+              image_grid_thw: torch.Tensor | None) -> Embedded:
+        """Input-level embeddings: vision features (or VQ-token embeddings) placed at the image tokens."""
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head()(hidden)
+
+    def run_decoder(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                    cache: DynamicCache | None, output_attentions: bool = False):
+        """One decoder call; ``position_ids`` is (R, B, L) as produced by :meth:`prompt_positions`."""
+        return self.decoder()(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=self.decoder_position_ids(position_ids),
+            cache=cache,
+            use_cache=cache is not None,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
+
+    @property
+    def position_rows(self) -> int:
+        """Rows of the engine's position tensor (3 for M-RoPE models, 1 otherwise)."""
+        return 1
+
+    def decoder_position_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        """Convert the engine's (R, B, L) positions into what the decoder expects."""
+        return positions[0]
+
+    def prompt_positions(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                         image_grid_thw: torch.Tensor | None, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions of right-padded prompts, (R, B, P), and each sample's next free position, (B,).
+
+        ``original``: a plain 0..len-1 range, as the original trains and as the released checkpoints expect.
+        """
+        if mode != "original":
+            raise ValueError(f"positions={mode!r} is not supported for {type(self).__name__}; use 'original'")
+        positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return positions.unsqueeze(0).expand(self.position_rows, -1, -1), prompt_mask.long().sum(-1)
+
+    def image_grid(self, image_grid_thw: torch.Tensor | None, sample: int) -> tuple[int, int]:
+        """(rows, cols) of the image-token grid of one sample, for drawing selections."""
+        raise NotImplementedError
+
+    # ---- checkpoint conversion -------------------------------------------------------------------------
+    def rename_legacy_key(self, key: str) -> str:
+        for pattern, replacement in self.legacy_key_renames:
+            new_key, n = re.subn(pattern, replacement, key)
+            if n:
+                return new_key
+        return key

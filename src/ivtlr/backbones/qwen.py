@@ -1,0 +1,68 @@
+"""Qwen2-VL and Qwen2.5-VL: a vision tower plus merger whose outputs fill the ``<|image_pad|>`` rows; M-RoPE."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Backbone, Embedded
+
+
+class QwenVLBackbone(Backbone):
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    default_num_selected_patches = 32
+    # transformers 4.51 layout -> 5.x layout (vision tower and decoder moved under ``model``).
+    legacy_key_renames = (
+        (r"^visual\.", "model.visual."),
+        (r"^model\.(?!visual\.|language_model\.)", "model.language_model."),
+    )
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.config.image_token_id)
+
+    def decoder(self) -> nn.Module:
+        return self.model.model.language_model
+
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    def embed(self, input_ids, pixel_values, image_grid_thw) -> Embedded:
+        embeds = self.input_embeddings()(input_ids)
+        image_mask = input_ids == self.image_token_id
+        n_tokens = int(image_mask.sum())
+        if n_tokens:
+            if pixel_values is None or image_grid_thw is None:
+                raise ValueError("input_ids contain image tokens but pixel_values / image_grid_thw are missing")
+            features = self.model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+            features = torch.cat(list(features.pooler_output), dim=0).to(embeds.dtype)
+            if features.shape[0] != n_tokens:
+                raise ValueError(f"the images give {features.shape[0]} visual tokens but input_ids hold {n_tokens} "
+                                 "<|image_pad|> tokens: build inputs with the model's processor")
+            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features)
+        return Embedded(embeds=embeds, image_mask=image_mask)
+
+    @property
+    def position_rows(self) -> int:
+        return 3
+
+    def decoder_position_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions
+
+    def prompt_positions(self, prompt_ids, prompt_mask, image_grid_thw, mode):
+        if mode == "original":
+            return super().prompt_positions(prompt_ids, prompt_mask, image_grid_thw, "original")
+        if mode != "mrope":
+            raise ValueError(f"positions must be 'original' or 'mrope', got {mode!r}")
+        mm_token_type_ids = (prompt_ids == self.image_token_id).int()
+        positions, _ = self.model.model.get_rope_index(
+            input_ids=prompt_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw,
+            attention_mask=prompt_mask,
+        )
+        positions = positions.masked_fill(~prompt_mask.bool().unsqueeze(0), 0)
+        next_start = positions.amax(dim=(0, 2)) + 1
+        return positions, next_start
+
+    def image_grid(self, image_grid_thw, sample):
+        merge = self.model.model.visual.spatial_merge_size
+        _, h, w = (int(x) for x in image_grid_thw[sample])
+        return h // merge, w // merge

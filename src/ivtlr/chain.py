@@ -1,0 +1,107 @@
+"""The latent chain on a key/value cache: prompt, then one small pass per latent step, batched.
+
+Every sample of a batch is laid out in the same physical columns pass after pass: each pass appends a right-padded
+chunk (the sample's new rows, then padding) to the cache. Padding columns are masked keys and carry explicit
+positions that never count, so a sample's numbers do not depend on what it is batched with. A pass's query of
+interest (the position just before the next latent slot) is the last real row of the sample's chunk.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .attention_rows import AttentionRowRecorder
+from .backbones import Backbone
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Segment:
+    """Consecutive rows of one sample's final sequence, added to the chain in one pass."""
+
+    embeds: torch.Tensor  # (l, D)
+    positions: torch.Tensor  # (R, l)
+    labels: torch.Tensor  # (l,)
+    latent_row: int | None = None  # index of the latent row within the segment, if it holds one
+    hidden: torch.Tensor | None = None  # (l, D) last-layer hidden states once computed
+
+    @property
+    def length(self) -> int:
+        return self.embeds.shape[0]
+
+
+@dataclass
+class SampleState:
+    """One sample's progress through the chain."""
+
+    segments: list[Segment] = field(default_factory=list)
+    next_position: int = 0
+
+    def positions(self, n: int, rows: int, device) -> torch.Tensor:
+        pos = torch.arange(self.next_position, self.next_position + n, device=device)
+        self.next_position += n
+        return pos.unsqueeze(0).expand(rows, -1)
+
+
+class ChainRunner:
+    """Runs decoder passes over a batch of :class:`SampleState` and keeps the cache and key mask.
+
+    ``cached=False`` re-runs each sample's whole history at every pass (used under gradient checkpointing,
+    which cannot keep a cache in the autograd graph).
+    """
+
+    def __init__(self, backbone: Backbone, recorder: AttentionRowRecorder, states: list[SampleState],
+                 cached: bool, dtype: torch.dtype, device: torch.device):
+        self.backbone, self.recorder, self.states = backbone, recorder, states
+        self.cached, self.dtype, self.device = cached, dtype, device
+        self.cache = DynamicCache(config=backbone.decoder().config) if cached else None
+        self.key_mask = torch.zeros(len(states), 0, dtype=torch.long, device=device)
+
+    def run(self, new: list[Segment | None], *, query: bool, grad: bool) -> torch.Tensor | None:
+        """Append ``new`` segments (None: the sample sits this pass out) and run one pass.
+
+        Returns the averaged attention rows of each sample's last real row, (B, Lk), when ``query`` is set;
+        their columns index the physical layout, whose first columns are the prompt.
+        """
+        for state, seg in zip(self.states, new):
+            if seg is not None:
+                state.segments.append(seg)
+        parts = [[seg] if seg is not None else [] for seg in new] if self.cached else \
+            [state.segments for state in self.states]
+        widths = [sum(seg.length for seg in p) for p in parts]
+        width = max(widths)
+        batch, dim, rows = len(parts), self.backbone.text_config.hidden_size, self.backbone.position_rows
+        embeds = torch.zeros(batch, width, dim, dtype=self.dtype, device=self.device)
+        positions = torch.zeros(rows, batch, width, dtype=torch.long, device=self.device)
+        mask = torch.zeros(batch, width, dtype=torch.long, device=self.device)
+        for b, p in enumerate(parts):
+            if widths[b]:
+                embeds[b, : widths[b]] = torch.cat([seg.embeds for seg in p]).to(self.dtype)
+                positions[:, b, : widths[b]] = torch.cat([seg.positions for seg in p], dim=-1)
+                mask[b, : widths[b]] = 1
+        full_mask = torch.cat([self.key_mask, mask], dim=1) if self.cached else mask
+        if query:
+            cols = torch.tensor([max(w - 1, 0) for w in widths], device=self.device)
+            self.recorder.arm(cols, full_mask)
+        try:
+            with torch.set_grad_enabled(grad):
+                out = self.backbone.run_decoder(embeds, full_mask, positions, self.cache)
+            rows_out = self.recorder.rows() if query else None
+        finally:
+            self.recorder.disarm()
+        if self.cached:
+            self.key_mask = full_mask
+        hidden = out.last_hidden_state
+        for b, p in enumerate(parts):
+            start = 0
+            for seg in p:
+                seg.hidden = hidden[b, start : start + seg.length]
+                start += seg.length
+        return rows_out
+
+    def last_hidden(self, b: int) -> torch.Tensor:
+        """Hidden state of the sample's latest real row (the vector the LM head reads)."""
+        return self.states[b].segments[-1].hidden[-1]

@@ -1,0 +1,76 @@
+"""The original's algorithm: every latent step re-runs the whole prefix with eager attention maps.
+
+This is the reference path (``IVTLR(..., recompute=True)``) that the cached engine is tested against: no cache,
+no attention hook — patch scores come from the full attention maps the model returns, as in the original, and
+every pass stays in the autograd graph. It is slow on purpose; never use it for real training.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+
+from .chain import SampleState, Segment
+
+if TYPE_CHECKING:
+    from .engine import IVTLR, IVTLROutput
+
+
+@contextmanager
+def eager_attention(model) -> Iterator[None]:
+    """Temporarily switch the model to eager attention (the only kind that returns attention maps)."""
+    previous = model.config._attn_implementation
+    if previous == "eager":
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def _full_pass(engine: "IVTLR", states: list[SampleState], output_attentions: bool):
+    """One decoder call over each sample's whole sequence so far, right-padded."""
+    backbone = engine.backbone
+    sequences = [torch.cat([seg.embeds for seg in st.segments]) for st in states]
+    positions = [torch.cat([seg.positions for seg in st.segments], dim=-1) for st in states]
+    width = max(s.shape[0] for s in sequences)
+    batch, device = len(states), sequences[0].device
+    embeds = sequences[0].new_zeros(batch, width, sequences[0].shape[-1])
+    pos = torch.zeros(backbone.position_rows, batch, width, dtype=torch.long, device=device)
+    mask = torch.zeros(batch, width, dtype=torch.long, device=device)
+    for b, (seq, p) in enumerate(zip(sequences, positions)):
+        embeds[b, : len(seq)], pos[:, b, : len(seq)], mask[b, : len(seq)] = seq, p, 1
+    out = backbone.run_decoder(embeds, mask, pos, cache=None, output_attentions=output_attentions)
+    return out, [len(s) for s in sequences]
+
+
+def recompute_forward(engine: "IVTLR", input_ids, attention_mask, labels, pixel_values,
+                      image_grid_thw) -> "IVTLROutput":
+    layouts = engine._layouts(input_ids, attention_mask, labels, pixel_values, image_grid_thw)
+    prompts, next_start = engine._prompt_segments(layouts, image_grid_thw)
+    states = [SampleState(segments=[seg], next_position=int(p)) for seg, p in zip(prompts, next_start)]
+    taken = [torch.zeros(len(lay.image_index), dtype=torch.bool, device=lay.ids.device) for lay in layouts]
+    selected: list[list[torch.Tensor]] = [[] for _ in layouts]
+    n_max = max(lay.n_latent for lay in layouts)
+    with eager_attention(engine.backbone.model):
+        for step in range(1, n_max + 1):
+            active = [b for b, lay in enumerate(layouts) if lay.n_latent >= step]
+            out, lengths = _full_pass(engine, [states[b] for b in active], output_attentions=True)
+            for i, b in enumerate(active):
+                last = lengths[i] - 1
+                attention_row = torch.stack([a[i, :, last, : lengths[i]].float() for a in out.attentions])
+                scores = attention_row.mean(dim=(0, 1))
+                seg = engine._latent_step_segment(layouts[b], states[b], out.last_hidden_state[i, last], scores,
+                                                  taken[b], selected[b], step, engine.backbone.position_rows)
+                states[b].segments.append(seg)
+        out, lengths = _full_pass(engine, states, output_attentions=False)
+    for b, st in enumerate(states):
+        start = 0
+        for seg in st.segments:
+            seg.hidden = out.last_hidden_state[b, start : start + seg.length]
+            start += seg.length
+    return engine._assemble(states, selected, labels is not None)
