@@ -322,7 +322,9 @@ class IVTLR(nn.Module):
 
 def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy: the batch mean over labelled tokens, and each sample's own mean."""
-    shift_logits = logits[:, :-1].float()
+    shift_logits = logits[:, :-1]
+    if shift_logits.dtype in (torch.float16, torch.bfloat16):
+        shift_logits = shift_logits.float()
     shift_labels = labels[:, 1:]
     per_token = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                                 ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)

@@ -1,0 +1,200 @@
+"""Shared benchmark plumbing: timing, exact peak memory, targets, a text table and a JSON record of the machine.
+
+Numbers from different machines are only comparable with the machine written next to them, so every result
+file carries the CPU or GPU name, library versions and thread count. Memory is counted from the tensor
+allocator (never RSS, which also counts the interpreter, libraries and freed-but-cached pages).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
+
+logger = logging.getLogger(__name__)
+
+MIB = 2**20
+
+
+@dataclass
+class Measurement:
+    """Wall times of repeated calls of one variant and the peak tensor memory of one call."""
+
+    name: str
+    times_s: list[float]
+    peak_bytes: int
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times_s) * 1e3
+
+    @property
+    def peak_mib(self) -> float:
+        return self.peak_bytes / MIB
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "median_ms": self.median_ms, "times_ms": [t * 1e3 for t in self.times_s],
+                "peak_mib": self.peak_mib, "peak_bytes": self.peak_bytes}
+
+
+@dataclass
+class Target:
+    """A tracked goal: ``value`` must be at most (``at_most=True``) or at least ``bound``."""
+
+    name: str
+    value: float
+    bound: float
+    at_most: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.value <= self.bound if self.at_most else self.value >= self.bound
+
+    def describe(self) -> str:
+        relation = "<=" if self.at_most else ">="
+        return f"{'PASS' if self.passed else 'FAIL'}  {self.name}: {self.value:.2f} (target {relation} {self.bound:g})"
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels, so that a wall-clock reading covers the work and not just its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.device, warmup: int,
+                     repeats: int) -> dict[str, list[float]]:
+    """Seconds taken by each call of each function: ``warmup`` untimed calls of each (caches, kernel selection
+    and lazy initialisation would otherwise land in the first timing), then ``repeats`` rounds calling every
+    function once, so that a burst of load from elsewhere on the machine hits all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _allocation_events(nodes) -> list:
+    """Every allocator event (positive: allocation, negative: free) in a profiler event tree, depth first."""
+    found = []
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation:
+            found.append(node)
+        stack.extend(node.children)
+    return found
+
+
+def cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak of tensor memory held during one call of ``fn``, above what was held when it started.
+
+    The profiler records every CPU allocator call with its size and time; the running sum of those sizes in
+    time order is the call's allocation timeline, and its maximum is the peak.
+    """
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = _allocation_events(prof.profiler.kineto_results.experimental_event_tree())
+    events = [e for e in events if e.extra_fields.device.type == "cpu"]
+    held = peak = 0
+    for event in sorted(events, key=lambda e: e.start_time_ns):
+        held += event.extra_fields.alloc_size
+        peak = max(peak, held)
+    return peak
+
+
+def cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak of tensor memory allocated on ``device`` during one call of ``fn``, above what it started with."""
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    start = torch.cuda.memory_allocated(device)
+    fn()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - start
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    return cuda_peak_bytes(fn, device) if device.type == "cuda" else cpu_peak_bytes(fn)
+
+
+def measure_all(fns: Mapping[str, Callable[[], object]], device: torch.device, warmup: int,
+                repeats: int) -> dict[str, Measurement]:
+    """Time every function (interleaved, see :func:`time_interleaved`), then measure each one's peak memory in
+    one more, separate call so that profiling overhead never enters the timings."""
+    times = time_interleaved(fns, device, warmup, repeats)
+    results = {}
+    for name, fn in fns.items():
+        gc.collect()
+        results[name] = Measurement(name, times[name], peak_bytes(fn, device))
+        logger.info("%s: %.1f ms/step (median of %d), peak %.1f MiB", name, results[name].median_ms, repeats,
+                    results[name].peak_mib)
+    return results
+
+
+def cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict:
+    """What the numbers were measured on."""
+    info = {
+        "device": device.type,
+        "cpu": cpu_model_name(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain aligned text table; floats get two decimals, missing values a dash."""
+    def cell(value: object) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+              for row in cells]
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    logger.info("wrote %s", path)
+    return path

@@ -1,0 +1,185 @@
+"""Token batches: chat-templated prompt with its image, latent slots, then the labelled target.
+
+Each sample is encoded on its own (the processor expands the image placeholder into that image's tokens),
+so the prompt/latent/target boundaries are exact, and then padded into one batch. Only the target text
+and the closing EOS carry labels. The engine re-lays samples out for the latent chain itself, so plain
+right padding is enough for training; generation batches may be left padded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from PIL import Image
+
+from .curriculum import TrainingItem, format_prompt_text
+from .example import Example
+
+if TYPE_CHECKING:
+    from transformers import ProcessorMixin
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+# Processor outputs with one entry per token: extended over latents/target and padded with zeros.
+TOKEN_TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")
+
+ImageSize = int | tuple[int, int]
+PaddingSide = Literal["left", "right"]
+
+
+def resize_image(image: Image.Image, image_size: ImageSize | None) -> Image.Image:
+    """Resize to a fixed (width, height) before the processor; an int means a square. None keeps the image."""
+    if image_size is None:
+        return image
+    width, height = (image_size, image_size) if isinstance(image_size, int) else image_size
+    return image.resize((width, height), Image.Resampling.BICUBIC)
+
+
+def chat_prompt(processor: ProcessorMixin, prompt: str, has_image: bool) -> str:
+    """The prompt inside the model's chat template, image first, ready for the answer to follow."""
+    content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": prompt}]
+    messages = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+@dataclass
+class _EncodedPrompt:
+    """One sample's prompt tokens, its per-token type ids and its image tensors."""
+
+    input_ids: list[int]
+    token_types: dict[str, list[int]]
+    image_tensors: dict[str, torch.Tensor]
+
+
+def _encode_prompt(
+    processor: ProcessorMixin, prompt: str, image: Image.Image | None, image_size: ImageSize | None
+) -> _EncodedPrompt:
+    text = chat_prompt(processor, prompt, image is not None)
+    images = None if image is None else [resize_image(image, image_size)]
+    encoded = processor(text=[text], images=images, return_tensors="pt")
+    token_types = {key: encoded[key][0].tolist() for key in TOKEN_TYPE_KEYS if key in encoded}
+    image_tensors = {
+        key: value for key, value in encoded.items() if key not in ("input_ids", "attention_mask", *TOKEN_TYPE_KEYS)
+    }
+    return _EncodedPrompt(encoded["input_ids"][0].tolist(), token_types, image_tensors)
+
+
+def _pad(rows: list[list[int]], value: int, side: PaddingSide) -> torch.Tensor:
+    width = max(len(row) for row in rows)
+    padded = [
+        row + [value] * (width - len(row)) if side == "right" else [value] * (width - len(row)) + row for row in rows
+    ]
+    return torch.tensor(padded, dtype=torch.long)
+
+
+def _batch(
+    sequences: list[list[int]],
+    labels: list[list[int]] | None,
+    prompts: list[_EncodedPrompt],
+    pad_token_id: int,
+    side: PaddingSide,
+) -> dict[str, torch.Tensor]:
+    """Pad the sequences (and their labels and token types) and concatenate the image tensors in sample order."""
+    batch = {
+        "input_ids": _pad(sequences, pad_token_id, side),
+        "attention_mask": _pad([[1] * len(sequence) for sequence in sequences], 0, side),
+    }
+    if labels is not None:
+        batch["labels"] = _pad(labels, IGNORE_INDEX, side)
+    for key in prompts[0].token_types:
+        rows = [
+            prompt.token_types[key] + [0] * (len(sequence) - len(prompt.input_ids))
+            for prompt, sequence in zip(prompts, sequences)
+        ]
+        batch[key] = _pad(rows, 0, side)
+    image_keys = {key for prompt in prompts for key in prompt.image_tensors}
+    for key in sorted(image_keys):
+        batch[key] = torch.cat([prompt.image_tensors[key] for prompt in prompts if key in prompt.image_tensors])
+    return batch
+
+
+def _pad_token_id(processor: ProcessorMixin) -> int:
+    tokenizer = processor.tokenizer
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+class IVTLRCollator:
+    """Turn `TrainingItem`s into a training batch: prompt (label -100), latents (-100), target + EOS (labelled).
+
+    `max_length` bounds the collated sequence (prompt with its image tokens, latents, target, EOS): a
+    longer sample raises a `ValueError` naming it, or with `skip_too_long` is left out of the batch and
+    counted in `skipped_too_long`.
+    """
+
+    def __init__(
+        self,
+        processor: ProcessorMixin,
+        latent_token_id: int,
+        *,
+        max_length: int | None = None,
+        image_size: ImageSize | None = None,
+        skip_too_long: bool = False,
+        eos_token_id: int | None = None,
+    ):
+        self.processor = processor
+        self.latent_token_id = latent_token_id
+        self.max_length = max_length
+        self.image_size = image_size
+        self.skip_too_long = skip_too_long
+        self.eos_token_id = processor.tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+        self.pad_token_id = _pad_token_id(processor)
+        self.skipped_too_long = 0
+
+    def target_ids(self, target: str) -> list[int]:
+        return self.processor.tokenizer(target, add_special_tokens=False)["input_ids"] + [self.eos_token_id]
+
+    def _fits(self, item: TrainingItem, prompt_length: int, length: int) -> bool:
+        if self.max_length is None or length <= self.max_length:
+            return True
+        message = (
+            f"example {item.id!r} is {length} tokens long (prompt {prompt_length}, latents {item.n_latent}, "
+            f"target {length - prompt_length - item.n_latent}), more than max_length={self.max_length}"
+        )
+        if not self.skip_too_long:
+            raise ValueError(message)
+        self.skipped_too_long += 1
+        logger.warning("skipping %s (%d skipped so far)", message, self.skipped_too_long)
+        return False
+
+    def __call__(self, items: Sequence[TrainingItem]) -> dict[str, torch.Tensor]:
+        sequences, labels, prompts = [], [], []
+        for item in items:
+            prompt = _encode_prompt(self.processor, item.prompt, item.image, self.image_size)
+            target = self.target_ids(item.target)
+            unlabelled = prompt.input_ids + [self.latent_token_id] * item.n_latent
+            if not self._fits(item, len(prompt.input_ids), len(unlabelled) + len(target)):
+                continue
+            sequences.append(unlabelled + target)
+            labels.append([IGNORE_INDEX] * len(unlabelled) + target)
+            prompts.append(prompt)
+        if not sequences:
+            raise ValueError(f"every sample of the batch is longer than max_length={self.max_length}")
+        return _batch(sequences, labels, prompts, self.pad_token_id, side="right")
+
+
+def build_generation_batch(
+    processor: ProcessorMixin,
+    examples: Sequence[Example],
+    n_latent: int,
+    latent_token_id: int,
+    *,
+    image_size: ImageSize | None = None,
+    padding_side: PaddingSide = "left",
+) -> dict[str, torch.Tensor]:
+    """Prompt + `n_latent` latent slots per example, padded (left by default), for generation and evaluation."""
+    prompts = [
+        _encode_prompt(processor, format_prompt_text(example.question, example.choices), example.image, image_size)
+        for example in examples
+    ]
+    sequences = [prompt.input_ids + [latent_token_id] * n_latent for prompt in prompts]
+    return _batch(sequences, None, prompts, _pad_token_id(processor), padding_side)

@@ -1,0 +1,86 @@
+"""One multiple-choice question about an image, in the form every later stage of the pipeline reads."""
+
+from __future__ import annotations
+
+import io
+import string
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, overload
+
+from PIL import Image
+
+OPTION_LETTERS = string.ascii_uppercase
+
+
+@dataclass(frozen=True)
+class Example:
+    """A validated sample: `answer` is always one of the option letters of `choices`."""
+
+    id: str
+    image: Image.Image | None
+    question: str
+    choices: list[str]
+    answer: str
+    rationale: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def answer_index(self) -> int:
+        return OPTION_LETTERS.index(self.answer)
+
+    @property
+    def answer_text(self) -> str:
+        return self.choices[self.answer_index]
+
+
+def option_letter(index: int) -> str:
+    """Letter of the `index`-th option ("A" for 0); the prompt and the scorer both name options this way."""
+    if not 0 <= index < len(OPTION_LETTERS):
+        raise ValueError(f"option index {index} has no letter (at most {len(OPTION_LETTERS)} options)")
+    return OPTION_LETTERS[index]
+
+
+def decode_image(encoded: bytes) -> Image.Image:
+    """Fully decode an encoded image to RGB; transparent pixels are shown over white, as a viewer would."""
+    image = Image.open(io.BytesIO(encoded))
+    image.load()
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+class ExampleSequence(Sequence[Example]):
+    """Examples whose images stay encoded until accessed.
+
+    A decoded M3CoT training split would hold several GB of pixels; the encoded bytes are a fraction of
+    that, and each access decodes a fresh image that is freed once the batch is built.
+    """
+
+    def __init__(self, records: list[Example], encoded_images: list[bytes | None]):
+        if len(records) != len(encoded_images):
+            raise ValueError("every record needs exactly one encoded image (or None)")
+        self._records = records
+        self._encoded_images = encoded_images
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @overload
+    def __getitem__(self, index: int) -> Example: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> ExampleSequence: ...
+
+    def __getitem__(self, index: int | slice) -> Example | ExampleSequence:
+        if isinstance(index, slice):
+            return ExampleSequence(self._records[index], self._encoded_images[index])
+        encoded = self._encoded_images[index]
+        image = None if encoded is None else decode_image(encoded)
+        return replace(self._records[index], image=image)
+
+    def __iter__(self) -> Iterator[Example]:
+        for index in range(len(self)):
+            yield self[index]

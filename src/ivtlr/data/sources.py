@@ -1,0 +1,290 @@
+"""Load M3CoT and ScienceQA (hub or local parquet/JSONL) into validated `Example`s.
+
+Hub data and local files go through the same `datasets.load_dataset` call and the same row conversion, so
+the small schema files the tests write exercise exactly the code that reads the real datasets. Bad rows
+(no options, an answer that names no option, a missing or corrupt image) are caught here, where the row
+is still identifiable, instead of surfacing later as a shape error inside a model or as a wrong label.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+from PIL import Image
+
+from .example import OPTION_LETTERS, Example, ExampleSequence, decode_image, option_letter
+
+logger = logging.getLogger(__name__)
+
+HUB_IDS = {"m3cot": "LightChen2333/M3CoT", "scienceqa": "derek-thomas/ScienceQA"}
+LOCAL_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
+
+DataFiles = str | Path | list[str | Path] | Mapping[str, str | Path | list[str | Path]]
+
+
+class InvalidExample(ValueError):
+    """A row that cannot become a correct `Example`: `reason` names the kind of defect (skips are counted by it)."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One loaded table and the folder its relative image paths are resolved against."""
+
+    table: datasets.Dataset
+    image_root: Path | None
+
+
+def _choices(row: Mapping[str, Any]) -> list[str]:
+    choices = row.get("choices")
+    if not choices:
+        raise InvalidExample("no options")
+    if len(choices) > len(OPTION_LETTERS):
+        raise InvalidExample("too many options", f"{len(choices)} options, more than there are letters")
+    return [str(choice) for choice in choices]
+
+
+def _with_context(question: str, context: str, use_context: bool) -> str:
+    return f"Context: {context}\n{question}" if use_context and context else question
+
+
+def _row_id(row: Mapping[str, Any], split: str, row_index: int) -> str:
+    return str(row.get("id") or f"{split}-{row_index}")
+
+
+def _m3cot_example(row: Mapping[str, Any], split: str, row_index: int, use_context: bool) -> Example:
+    choices = _choices(row)
+    answer = str(row.get("answer") or "").strip().upper()
+    if len(answer) != 1 or answer not in OPTION_LETTERS[: len(choices)]:
+        raise InvalidExample(
+            "answer outside the options", f"{row.get('answer')!r} is not one of the {len(choices)} option letters"
+        )
+    context = str(row.get("context") or "")
+    metadata = {
+        "source": "m3cot",
+        "split": row.get("split") or split,
+        "domain": row.get("domain"),
+        "topic": row.get("topic"),
+        "category": row.get("category"),
+        "image_id": row.get("image_id"),
+        "context": context,
+    }
+    return Example(
+        image=None,
+        id=_row_id(row, split, row_index),
+        question=_with_context(str(row.get("question") or ""), context, use_context),
+        choices=choices,
+        answer=answer,
+        rationale=str(row.get("rationale") or ""),
+        metadata=metadata,
+    )
+
+
+def _scienceqa_example(row: Mapping[str, Any], split: str, row_index: int, use_context: bool) -> Example:
+    choices = _choices(row)
+    answer_index = row.get("answer")
+    if not isinstance(answer_index, int) or not 0 <= answer_index < len(choices):
+        raise InvalidExample(
+            "answer outside the options", f"index {answer_index!r} is not one of the {len(choices)} options"
+        )
+    explanation = [text for text in (row.get("lecture"), row.get("solution")) if text]
+    hint = str(row.get("hint") or "")
+    metadata = {
+        "source": "scienceqa",
+        "split": split,
+        "subject": row.get("subject"),
+        "grade": row.get("grade"),
+        "topic": row.get("topic"),
+        "category": row.get("category"),
+        "skill": row.get("skill"),
+        "task": row.get("task"),
+        "hint": hint,
+        "context": hint,
+    }
+    return Example(
+        image=None,
+        id=_row_id(row, split, row_index),
+        question=_with_context(str(row.get("question") or ""), hint, use_context),
+        choices=choices,
+        answer=option_letter(answer_index),
+        rationale=" ".join(explanation) if explanation else choices[answer_index],
+        metadata=metadata,
+    )
+
+
+SCHEMAS: dict[str, Callable[[Mapping[str, Any], str, int, bool], Example]] = {
+    "m3cot": _m3cot_example,
+    "scienceqa": _scienceqa_example,
+}
+
+
+def detect_schema(column_names: list[str]) -> str:
+    """Name the schema of a table from its columns: ScienceQA explains with lecture/solution, M3CoT with rationale."""
+    columns = set(column_names)
+    if {"question", "choices", "answer"} - columns:
+        raise ValueError(f"columns {sorted(columns)} need question, choices and answer")
+    if columns & {"lecture", "solution"}:
+        return "scienceqa"
+    if "rationale" in columns:
+        return "m3cot"
+    raise ValueError(f"cannot tell M3CoT from ScienceQA by the columns {sorted(columns)}")
+
+
+def _split_files(data_files: DataFiles, split: str) -> list[Path]:
+    if isinstance(data_files, Mapping):
+        if split not in data_files:
+            raise ValueError(f"no data files for split {split!r}; given splits: {sorted(data_files)}")
+        data_files = data_files[split]
+    files = [data_files] if isinstance(data_files, (str, Path)) else list(data_files)
+    if not files:
+        raise ValueError(f"no data files for split {split!r}")
+    return [Path(file) for file in files]
+
+
+def _load_local(files: list[Path], split: str, cache_dir: str | None) -> list[_Part]:
+    """One `load_dataset` call per file, so that each file's relative image paths resolve against its folder."""
+    parts = []
+    for file in files:
+        builder = LOCAL_BUILDERS.get(file.suffix.lower())
+        if builder is None:
+            raise ValueError(f"{file}: unsupported file type (use one of {sorted(LOCAL_BUILDERS)})")
+        if not file.is_file():
+            raise FileNotFoundError(f"data file not found: {file}")
+        table = datasets.load_dataset(builder, data_files={split: [str(file)]}, split=split, cache_dir=cache_dir)
+        parts.append(_Part(table, file.resolve().parent))
+    return parts
+
+
+def _open_source(
+    source: str, split: str, data_files: DataFiles | None, cache_dir: str | None
+) -> tuple[str, list[_Part]]:
+    """Resolve `source` to a schema name and the tables holding the split."""
+    hub_schemas = {hub_id: name for name, hub_id in HUB_IDS.items()}
+    if source in hub_schemas or (source in HUB_IDS and data_files is None):
+        hub_id = source if source in hub_schemas else HUB_IDS[source]
+        table = datasets.load_dataset(hub_id, split=split, cache_dir=cache_dir)
+        return hub_schemas[hub_id], [_Part(table, None)]
+    if source not in (*SCHEMAS, "auto"):
+        raise ValueError(f"unknown source {source!r}: use one of {sorted(hub_schemas)}, {sorted(SCHEMAS)} or 'auto'")
+    if data_files is None:
+        raise ValueError(f"source {source!r} needs data_files")
+    parts = _load_local(_split_files(data_files, split), split, cache_dir)
+    columns = parts[0].table.column_names
+    if source == "auto":
+        return detect_schema(columns), parts
+    _check_columns_fit(source, columns)
+    return source, parts
+
+
+def _check_columns_fit(schema: str, columns: list[str]) -> None:
+    """Refuse files of the other schema, which would otherwise be skipped row by row as bad answers."""
+    try:
+        detected = detect_schema(columns)
+    except ValueError as error:
+        if {"question", "choices", "answer"} - set(columns):
+            raise
+        logger.debug("schema of %s not recognisable (%s); reading it as %s", columns, error, schema)
+        return
+    if detected != schema:
+        raise ValueError(f"source {schema!r} given, but the columns {sorted(columns)} are those of {detected!r}")
+
+
+def _as_undecoded_images(table: datasets.Dataset) -> datasets.Dataset:
+    """Keep image cells as {bytes, path} so a corrupt image becomes a counted skip, not a crash in iteration."""
+    if isinstance(table.features.get("image"), datasets.Image):
+        return table.cast_column("image", datasets.Image(decode=False))
+    return table
+
+
+def _rows(parts: list[_Part]) -> Iterator[tuple[Mapping[str, Any], Path | None]]:
+    """Every row of the split, in file order, with the folder its image path is relative to."""
+    for part in parts:
+        for row in _as_undecoded_images(part.table):
+            yield row, part.image_root
+
+
+def _read_image_bytes(cell: Any, image_root: Path | None) -> bytes | None:
+    """Encoded bytes of an image cell: embedded bytes, or a file path (relative to the data file's folder)."""
+    if cell is None:
+        return None
+    if isinstance(cell, Mapping):
+        if cell.get("bytes"):
+            return cell["bytes"]
+        cell = cell.get("path")
+        if not cell:
+            return None
+    path = Path(cell)
+    if not path.is_absolute() and image_root is not None:
+        path = image_root / path
+    if not path.is_file():
+        raise InvalidExample("missing image", f"no file {path}")
+    return path.read_bytes()
+
+
+def _check_decodes(encoded: bytes) -> None:
+    try:
+        decode_image(encoded)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise InvalidExample("corrupt image", str(error)) from error
+
+
+def load_examples(
+    source: str,
+    split: str,
+    *,
+    data_files: DataFiles | None = None,
+    keep_no_image: bool = False,
+    use_context: bool = False,
+    limit: int | None = None,
+    strict: bool = False,
+    cache_dir: str | None = None,
+) -> ExampleSequence:
+    """Load one split as validated examples.
+
+    `source` is a hub id (`LightChen2333/M3CoT`, `derek-thomas/ScienceQA`), or `"m3cot"` / `"scienceqa"`
+    (the hub dataset, or local `data_files` in that schema), or `"auto"` (local files, schema from the
+    columns). Local files are parquet or JSONL whose `image` column holds paths relative to the file.
+    Invalid rows are skipped and counted in a warning, or raise `ValueError` when `strict`; rows without
+    an image are dropped (and counted) unless `keep_no_image`. `limit` stops after that many kept examples.
+    """
+    schema, parts = _open_source(source, split, data_files, cache_dir)
+    row_to_example = SCHEMAS[schema]
+    records: list[Example] = []
+    encoded_images: list[bytes | None] = []
+    skipped: Counter[str] = Counter()
+    no_image = 0
+    for row_index, (row, image_root) in enumerate(_rows(parts)):
+        if limit is not None and len(records) >= limit:
+            break
+        try:
+            record = row_to_example(row, split, row_index, use_context)
+            encoded = _read_image_bytes(row.get("image"), image_root)
+            if encoded is not None:
+                _check_decodes(encoded)
+        except InvalidExample as error:
+            row_id = _row_id(row, split, row_index)
+            if strict:
+                raise ValueError(f"{source} {split} example {row_id!r}: {error}") from error
+            logger.debug("skipping %s %s example %r: %s", source, split, row_id, error)
+            skipped[error.reason] += 1
+            continue
+        if encoded is None and not keep_no_image:
+            no_image += 1
+            continue
+        records.append(record)
+        encoded_images.append(encoded)
+    if skipped:
+        logger.warning("%s %s: skipped %d invalid rows: %s", source, split, sum(skipped.values()), dict(skipped))
+    if no_image:
+        logger.info("%s %s: dropped %d rows without an image (keep_no_image=False)", source, split, no_image)
+    logger.info("%s %s: loaded %d examples (%s schema)", source, split, len(records), schema)
+    return ExampleSequence(records, encoded_images)

@@ -1,0 +1,223 @@
+"""The cached latent chain against independent computations: the recompute path and a batch of one."""
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from engine_inputs import SampleSpec, make_batch
+from ivtlr import IVTLR
+from ivtlr.tiny import build_tiny
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "chameleon")
+QUESTION = "Which digit is written in the top left corner of this image?"
+
+
+@pytest.fixture(scope="module", params=[(f, a) for f in FAMILIES for a in ("sdpa", "eager")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def bundle(request):
+    family, attn = request.param
+    return build_tiny(family, attn_implementation=attn)
+
+
+def _step(engine: IVTLR, batch: dict, recompute: bool):
+    """Forward + backward; returns the output and every parameter's gradient."""
+    engine.recompute = recompute
+    engine.zero_grad()
+    out = engine(**batch)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in engine.named_parameters() if p.grad is not None}
+    engine.zero_grad()
+    return out, grads
+
+
+def _assert_grads_close(got: dict, want: dict, rel: float = 1e-3):
+    assert got.keys() == want.keys() and want
+    for name in want:
+        err = (got[name] - want[name]).norm() / want[name].norm().clamp(min=1e-12)
+        assert err < rel, (name, float(err))
+
+
+@pytest.mark.parametrize("latent_grad", ["detach", "full"])
+def test_cached_matches_recompute(bundle, latent_grad):
+    engine = IVTLR(bundle.model, bundle.latent_token_id, num_selected_patches=4, latent_grad=latent_grad)
+    batch = make_batch(bundle, [SampleSpec(QUESTION, n_latent=3)])
+    cached, cached_grads = _step(engine, batch, recompute=False)
+    ref, ref_grads = _step(engine, batch, recompute=True)
+    assert cached.logits.shape == ref.logits.shape
+    assert (cached.logits - ref.logits).abs().max() < 1e-4
+    assert abs(cached.loss.item() - ref.loss.item()) < 1e-4
+    assert [s.tolist() for s in cached.selected[0]] == [s.tolist() for s in ref.selected[0]]
+    assert len(cached.selected[0]) == 3 and all(len(s) == 4 for s in cached.selected[0])
+    _assert_grads_close(cached_grads, ref_grads)
+
+
+def test_full_latent_grad_differs_from_detach(bundle):
+    """Sanity for the pair above: the two modes give different gradients, so each comparison can fail."""
+    batch = make_batch(bundle, [SampleSpec(QUESTION, n_latent=3)])
+    _, detach = _step(IVTLR(bundle.model, bundle.latent_token_id, num_selected_patches=4), batch, False)
+    _, full = _step(IVTLR(bundle.model, bundle.latent_token_id, num_selected_patches=4, latent_grad="full"),
+                    batch, False)
+    assert max(float((detach[n] - full[n]).norm() / full[n].norm().clamp(min=1e-12)) for n in full) > 1e-2
+
+
+MIXED = [
+    SampleSpec("What is in the picture?", 3, image_size=(112, 112), seed=1),
+    SampleSpec(QUESTION, 1, answer="Therefore, the answer is A", image_size=(56, 84), seed=2),
+    SampleSpec("Count?", 0, image_size=(84, 56), seed=3),
+    SampleSpec("What colour is the background here?", 2, image_size=(56, 56), seed=4),
+]
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("options", [{}, {"positions": "mrope"}], ids=["original", "mrope"])
+def test_mixed_batch_equals_batch_of_one(bundle, padding_side, options):
+    if options.get("positions") == "mrope" and bundle.family == "chameleon":
+        pytest.skip("M-RoPE is Qwen-only")
+    engine = IVTLR(bundle.model, bundle.latent_token_id, num_selected_patches=3, **options)
+    with torch.no_grad():
+        out = engine(**make_batch(bundle, MIXED, padding_side))
+        for i, spec in enumerate(MIXED):
+            alone = engine(**make_batch(bundle, [spec]))
+            length = alone.logits.shape[1]
+            assert int(out.attention_mask[i].sum()) == length
+            assert (out.logits[i, :length] - alone.logits[0]).abs().max() < 1e-4, i
+            assert abs(out.loss_per_sample[i].item() - alone.loss.item()) < 1e-4, i
+            assert [s.tolist() for s in out.selected[i]] == [s.tolist() for s in alone.selected[0]], i
+            assert len(out.selected[i]) == spec.n_latent
+
+
+def test_full_latent_grad_flows_through_fed_back_hidden_state():
+    """Directional derivative of the loss (finite differences, float64) matches `full` autograd, not `detach`.
+
+    The final norm's weight shapes every fed-back hidden state, so with `full` the gradient must include the
+    chain; under `detach` it only sees the final pass and misses that part.
+    """
+    bundle = build_tiny("qwen2_vl", attn_implementation="eager")
+    bundle.model.double()
+    batch = make_batch(bundle, [SampleSpec(QUESTION, n_latent=3)])
+    batch["pixel_values"] = batch["pixel_values"].double()
+    param = bundle.model.model.language_model.norm.weight
+    direction = torch.randn(param.shape, generator=torch.Generator().manual_seed(0), dtype=param.dtype)
+    grads = {}
+    for mode in ("full", "detach"):
+        engine = IVTLR(bundle.model, bundle.latent_token_id, num_selected_patches=4, latent_grad=mode)
+        engine.zero_grad()
+        out = engine(**batch)
+        out.loss.backward()
+        grads[mode] = float((param.grad * direction).sum())
+        selection = [s.tolist() for s in out.selected[0]]
+    eps = 1e-3  # the models' RMSNorm computes in float32, so smaller steps drown in rounding
+    losses = []
+    with torch.no_grad():
+        for sign in (1, -1):
+            param.add_(sign * eps * direction)
+            out = engine(**batch)
+            assert [s.tolist() for s in out.selected[0]] == selection  # same selection: locally differentiable
+            losses.append(out.loss.item())
+            param.sub_(sign * eps * direction)
+    numeric = (losses[0] - losses[1]) / (2 * eps)
+    assert abs(grads["full"] - numeric) < 1e-3 * abs(numeric)
+    assert abs(grads["detach"] - numeric) > 5e-2 * abs(numeric)
+
+
+@pytest.mark.parametrize("latent_grad", ["detach", "full"])
+def test_gradient_checkpointing_gives_the_same_gradients(latent_grad):
+    bundle = build_tiny("qwen2_vl")
+    batch = make_batch(bundle, [SampleSpec(QUESTION, 3), SampleSpec("Count?", 1, image_size=(56, 56))])
+    engine = IVTLR(bundle.model, bundle.latent_token_id, num_selected_patches=4, latent_grad=latent_grad)
+    engine.train()
+    ref, ref_grads = _step(engine, batch, recompute=False)
+    bundle.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert engine._gradient_checkpointing_active()
+    out, grads = _step(engine, batch, recompute=False)
+    bundle.model.gradient_checkpointing_disable()
+    assert abs(out.loss.item() - ref.loss.item()) < 1e-5
+    assert [s.tolist() for s in out.selected[0]] == [s.tolist() for s in ref.selected[0]]
+    _assert_grads_close(grads, ref_grads, rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "chameleon"])
+def test_lora_wrapped_model_cached_matches_recompute(family):
+    bundle = build_tiny(family)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                        init_lora_weights=False)
+    model = get_peft_model(bundle.model, config)
+    engine = IVTLR(model, bundle.latent_token_id, num_selected_patches=4)
+    batch = make_batch(bundle, [SampleSpec(QUESTION, 2), SampleSpec("Count?", 1, seed=5)])
+    cached, cached_grads = _step(engine, batch, recompute=False)
+    ref, ref_grads = _step(engine, batch, recompute=True)
+    assert cached_grads and all("lora_" in n for n in cached_grads)
+    assert (cached.logits - ref.logits).abs().max() < 1e-4
+    _assert_grads_close(cached_grads, ref_grads)
+
+
+def test_exhausted_image_takes_what_is_left():
+    """16 image tokens, K=6, 3 steps: 6 + 6 + the 4 left, all distinct, and the same as the recompute path."""
+    bundle = build_tiny("qwen2_vl")
+    engine = IVTLR(bundle.model, bundle.latent_token_id, num_selected_patches=6)
+    batch = make_batch(bundle, [SampleSpec(QUESTION, 3)])
+    with torch.no_grad():
+        out = engine(**batch)
+        engine.recompute = True
+        ref = engine(**batch)
+    sizes = [len(s) for s in out.selected[0]]
+    assert sizes == [6, 6, 4]
+    assert sorted(torch.cat(out.selected[0]).tolist()) == list(range(16))
+    assert [s.tolist() for s in out.selected[0]] == [s.tolist() for s in ref.selected[0]]
+    assert (out.logits - ref.logits).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("order", ["position", "score"])
+def test_patch_order(order):
+    bundle = build_tiny("qwen2_vl")
+    engine = IVTLR(bundle.model, bundle.latent_token_id, num_selected_patches=5, patch_order=order)
+    batch = make_batch(bundle, [SampleSpec(QUESTION, 2)])
+    with torch.no_grad():
+        out = engine(**batch)
+        engine.recompute = True
+        ref = engine(**batch)
+    for step in out.selected[0]:
+        if order == "position":
+            assert step.tolist() == sorted(step.tolist())
+    assert [s.tolist() for s in out.selected[0]] == [s.tolist() for s in ref.selected[0]]
+
+
+def test_stage_zero_is_a_plain_forward():
+    """No latent token: the same loss and logits as the transformers model's own forward."""
+    bundle = build_tiny("qwen2_vl")
+    engine = IVTLR(bundle.model, bundle.latent_token_id)
+    batch = make_batch(bundle, [SampleSpec(QUESTION, 0)])
+    positions = torch.arange(batch["input_ids"].shape[1]).view(1, 1, -1).expand(3, 1, -1)
+    with torch.no_grad():
+        out = engine(**batch)
+        plain = bundle.model(**batch, position_ids=positions)
+    assert (out.logits - plain.logits).abs().max() < 1e-5
+    assert abs(out.loss.item() - plain.loss.item()) < 1e-5
+
+
+def test_unknown_model_type_is_rejected():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=32))
+    with pytest.raises(ValueError, match="qwen2_vl.*chameleon"):
+        IVTLR(model, latent_token_id=3)
+
+
+def test_bad_inputs_get_clear_errors():
+    bundle = build_tiny("qwen2_vl")
+    engine = IVTLR(bundle.model, bundle.latent_token_id)
+    batch = make_batch(bundle, [SampleSpec(QUESTION, 2)])
+    split = batch["input_ids"].clone()
+    first = int((split[0] == bundle.latent_token_id).nonzero()[0])
+    split[0, first + 1] = bundle.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    split[0, first + 3] = bundle.latent_token_id
+    with pytest.raises(ValueError, match="consecutive"):
+        engine(**{**batch, "input_ids": split})
+    with pytest.raises(ValueError, match="pixel_values"):
+        engine(**{k: v for k, v in batch.items() if k != "pixel_values"})
+    with pytest.raises(ValueError, match="latent_grad"):
+        IVTLR(bundle.model, bundle.latent_token_id, latent_grad="sometimes")
+    with pytest.raises(ValueError, match="mrope"):
+        IVTLR(build_tiny("chameleon").model, 3, positions="mrope")
