@@ -46,7 +46,7 @@ class BenchConfig:
     image_size: int = 280
     num_selected_patches: int = 32
     num_latents: int = 3
-    question_tokens: int = 90  # text in the prompt besides the image tokens and the chat template
+    question_tokens: int = 80  # text in the prompt besides the image tokens and the chat template
     answer_tokens: int = 100  # labelled tokens after the latents, EOS included
     batch_size: int = 4
 

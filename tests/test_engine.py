@@ -221,3 +221,20 @@ def test_bad_inputs_get_clear_errors():
         IVTLR(bundle.model, bundle.latent_token_id, latent_grad="sometimes")
     with pytest.raises(ValueError, match="mrope"):
         IVTLR(build_tiny("chameleon").model, 3, positions="mrope")
+
+
+def test_ablations_latent_text_only_and_latent_vision_only():
+    """K=0 inserts no patches (Coconut); latent_text=False keeps the latent token's embedding in the slot."""
+    bundle = build_tiny("qwen2_vl")
+    batch = make_batch(bundle, [SampleSpec(QUESTION, 2)])
+    with torch.no_grad():
+        text_only = IVTLR(bundle.model, bundle.latent_token_id, num_selected_patches=0)(**batch)
+        vision_only = IVTLR(bundle.model, bundle.latent_token_id, num_selected_patches=4, latent_text=False)(**batch)
+        full = IVTLR(bundle.model, bundle.latent_token_id, num_selected_patches=4)(**batch)
+    prompt_and_rest = batch["attention_mask"].sum().item()
+    assert text_only.logits.shape[1] == prompt_and_rest and all(len(s) == 0 for s in text_only.selected[0])
+    latent_row = bundle.model.get_input_embeddings().weight[bundle.latent_token_id]
+    for pos in vision_only.latent_positions[0]:
+        assert torch.equal(vision_only.inputs_embeds[0, pos], latent_row)
+        assert not torch.equal(full.inputs_embeds[0, pos], latent_row)
+    assert [len(s) for s in vision_only.selected[0]] == [4, 4]

@@ -76,13 +76,16 @@ class IVTLR(nn.Module):
         patch_order: insertion order of the chosen patches: ``position``, ``score`` or ``topk`` (see
             :func:`ivtlr.selection.select_patches`).
         recompute: run the original's algorithm (re-run the prefix at every step, eager attention maps).
+        latent_text: feed the hidden state back into each latent slot (IVT-LR). ``False`` keeps the
+            ``<|latent|>`` token's own embedding there: the "latent vision only" ablation. ``num_selected_patches=0``
+            is the other ablation, latent text only (Coconut).
     """
 
     def __init__(self, model: nn.Module, latent_token_id: int, *, num_selected_patches: int | None = None,
                  latent_grad: str = "detach", positions: str = "original", patch_order: str = "position",
                  recompute: bool = False, eos_token_id: int | list[int] | None = None,
                  pad_token_id: int | None = None, start_latent_id: int | None = None,
-                 end_latent_id: int | None = None):
+                 end_latent_id: int | None = None, latent_text: bool = True):
         super().__init__()
         if latent_grad not in LATENT_GRAD_MODES:
             raise ValueError(f"latent_grad must be one of {LATENT_GRAD_MODES}, got {latent_grad!r}")
@@ -96,12 +99,12 @@ class IVTLR(nn.Module):
             raise ValueError("positions='mrope' needs a model with multimodal rotary positions (Qwen2-VL, Qwen2.5-VL)")
         self.latent_token_id = int(latent_token_id)
         self.start_latent_id, self.end_latent_id = start_latent_id, end_latent_id
-        k = num_selected_patches or self.backbone.default_num_selected_patches
+        k = self.backbone.default_num_selected_patches if num_selected_patches is None else num_selected_patches
         if k < 0:
             raise ValueError(f"num_selected_patches must be >= 0, got {k}")
         self.num_selected_patches = int(k)
         self.latent_grad, self.positions, self.patch_order = latent_grad, positions, patch_order
-        self.recompute = recompute
+        self.recompute, self.latent_text = recompute, latent_text
         eos = eos_token_id if eos_token_id is not None else self.backbone.eos_token_id
         self.eos_token_ids = set([eos] if isinstance(eos, int) else (eos or []))
         self.pad_token_id = pad_token_id if pad_token_id is not None else \
@@ -274,9 +277,11 @@ class IVTLR(nn.Module):
         chosen = select_patches(scores, taken, self.num_selected_patches, self.patch_order)
         taken[chosen] = True
         selected.append(chosen)
-        if self.latent_grad == "detach":
-            fill = fill.detach()
         latent_slot = lay.prompt_len + step - 1
+        if not self.latent_text:
+            fill = lay.embeds[latent_slot]
+        elif self.latent_grad == "detach":
+            fill = fill.detach()
         parts = [lay.embeds[lay.image_index[chosen]], fill.unsqueeze(0).to(lay.embeds.dtype)]
         labels = [torch.full((len(chosen),), IGNORE_INDEX, device=device), lay.labels[latent_slot:latent_slot + 1]]
         if step == lay.n_latent:

@@ -21,7 +21,6 @@ from transformers import (
     ChameleonConfig,
     ChameleonForConditionalGeneration,
     ChameleonImageProcessorPil,
-    ChameleonProcessor,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     ProcessorMixin,
@@ -30,8 +29,9 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
-    Qwen2VLProcessor,
 )
+
+from .processors import ChameleonChatProcessor, ImageOnlyQwen2VLProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -149,33 +149,6 @@ class TinyBundle:
     @property
     def pad_token_id(self) -> int:
         return self.tokenizer.pad_token_id
-
-
-class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-    """`Qwen2VLProcessor` without its video processor, which cannot be built without torchvision.
-
-    Declaring only `image_processor` and `tokenizer` in `__init__` is what makes `ProcessorMixin` save, load
-    and validate exactly those two parts; everything else (placeholder expansion, `mm_token_type_ids`, chat
-    templates) is the stock Qwen2-VL behaviour.
-    """
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template: str | None = None):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
-
-
-class ChameleonChatProcessor(ChameleonProcessor):
-    """`ChameleonProcessor` that keeps its chat template through save/load (the stock `__init__` drops it)."""
-
-    def __init__(
-        self,
-        image_processor,
-        tokenizer,
-        image_seq_length: int = 1024,
-        image_token: str = "<image>",
-        chat_template: str | None = None,
-    ):
-        super().__init__(image_processor, tokenizer, image_seq_length=image_seq_length, image_token=image_token)
-        self.chat_template = chat_template
 
 
 def code_token_name(code: int) -> str:

@@ -1,0 +1,60 @@
+"""``ivtlr train | eval | infer | demo | bench``: one entry point, each command's code imported only when used."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import runpy
+import sys
+from pathlib import Path
+
+#: command -> (module, help). The module provides ``add_arguments(parser)`` and ``run(args) -> int``.
+COMMANDS = {
+    "train": ("ivtlr.training.cli", "train a model with the progressive latent curriculum (Accelerate-ready)"),
+    "eval": ("ivtlr.evaluation.cli", "generate and score answers on a test split"),
+    "infer": ("ivtlr.inference", "answer one question about one image, optionally drawing the chosen patches"),
+    "demo": ("ivtlr.demo", "train and score IVT-LR and its baselines on bundled digit images, on a CPU"),
+}
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _bench(argv: list[str]) -> int:
+    """``ivtlr bench NAME [args]`` runs ``benchmarks/bench_NAME.py`` from a source checkout."""
+    if not argv or argv[0] in ("-h", "--help"):
+        names = sorted(p.stem.removeprefix("bench_") for p in BENCHMARKS.glob("bench_*.py"))
+        print(f"usage: ivtlr bench {{{','.join(names)}}} [options]")  # noqa: T201 - CLI usage text
+        return 0
+    script = BENCHMARKS / f"bench_{argv[0]}.py"
+    if not script.is_file():
+        raise SystemExit(f"no benchmark {argv[0]!r} in {BENCHMARKS} (benchmarks ship with the source checkout)")
+    sys.argv = [str(script), *argv[1:]]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ivtlr", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    sub.add_parser("bench", help="run a benchmark script (prints a table, writes JSON)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "bench":
+        return _bench(rest)
+    module = importlib.import_module(COMMANDS[args.command][0])
+    command_parser = argparse.ArgumentParser(prog=f"ivtlr {args.command}", description=COMMANDS[args.command][1])
+    module.add_arguments(command_parser)
+    return int(module.run(command_parser.parse_args(rest)) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
