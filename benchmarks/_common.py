@@ -74,18 +74,22 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.device, warmup: int,
-                     repeats: int) -> dict[str, list[float]]:
+def time_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int,
+                     prepare: Callable[[], object] = lambda: None) -> dict[str, list[float]]:
     """Seconds taken by each call of each function: ``warmup`` untimed calls of each (caches, kernel selection
     and lazy initialisation would otherwise land in the first timing), then ``repeats`` rounds calling every
-    function once, so that a burst of load from elsewhere on the machine hits all of them alike."""
+    function once, so that a burst of load from elsewhere on the machine hits all of them alike.
+    ``prepare`` runs, untimed, before every call (e.g. dropping the previous step's gradients)."""
     for fn in fns.values():
         for _ in range(warmup):
+            prepare()
             fn()
     synchronize(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            prepare()
+            synchronize(device)
             start = time.perf_counter()
             fn()
             synchronize(device)
@@ -106,19 +110,28 @@ def _allocation_events(nodes) -> list:
 
 
 def cpu_peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak of tensor memory held during one call of ``fn``, above what was held when it started.
+    """Peak of the tensor memory that one call of ``fn`` allocates and still holds, over the call.
 
-    The profiler records every CPU allocator call with its size and time; the running sum of those sizes in
-    time order is the call's allocation timeline, and its maximum is the peak.
+    The profiler records every CPU allocator call with its address, size and time; replayed in time order they
+    give the call's allocation timeline. Frees of blocks allocated before the call are left out: the profiler
+    knows their sizes only when an earlier profiled call allocated them, which would make the result depend on
+    what was profiled before.
     """
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = _allocation_events(prof.profiler.kineto_results.experimental_event_tree())
-    events = [e for e in events if e.extra_fields.device.type == "cpu"]
+    live: dict[int, int] = {}
     held = peak = 0
     for event in sorted(events, key=lambda e: e.start_time_ns):
-        held += event.extra_fields.alloc_size
-        peak = max(peak, held)
+        fields = event.extra_fields
+        if fields.device.type != "cpu":
+            continue
+        if fields.alloc_size > 0:
+            live[fields.ptr] = fields.alloc_size
+            held += fields.alloc_size
+            peak = max(peak, held)
+        elif fields.ptr in live:
+            held -= live.pop(fields.ptr)
     return peak
 
 
@@ -136,13 +149,14 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return cuda_peak_bytes(fn, device) if device.type == "cuda" else cpu_peak_bytes(fn)
 
 
-def measure_all(fns: Mapping[str, Callable[[], object]], device: torch.device, warmup: int,
-                repeats: int) -> dict[str, Measurement]:
+def measure_all(fns: Mapping[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int,
+                prepare: Callable[[], object] = lambda: None) -> dict[str, Measurement]:
     """Time every function (interleaved, see :func:`time_interleaved`), then measure each one's peak memory in
     one more, separate call so that profiling overhead never enters the timings."""
-    times = time_interleaved(fns, device, warmup, repeats)
+    times = time_interleaved(fns, device, warmup, repeats, prepare)
     results = {}
     for name, fn in fns.items():
+        prepare()
         gc.collect()
         results[name] = Measurement(name, times[name], peak_bytes(fn, device))
         logger.info("%s: %.1f ms/step (median of %d), peak %.1f MiB", name, results[name].median_ms, repeats,

@@ -15,6 +15,7 @@ Run ``python benchmarks/bench_engine.py --help`` for the options.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from collections.abc import Callable
@@ -107,13 +108,13 @@ def build_batches(bundle: TinyBundle, config: BenchConfig, dtype: torch.dtype, d
     return Batches(latent=sample(latents), plain=plain, prompt_length=prompt_length, image_tokens=image_tokens)
 
 
-def training_steps(bundle: TinyBundle, config: BenchConfig, batches: Batches) -> dict[str, Callable[[], float]]:
-    """One zero-grad + forward + backward per variant; each returns its loss (so the variants can be compared)."""
+def training_steps(bundle: TinyBundle, config: BenchConfig, batches: Batches,
+                   latent_grad: str) -> dict[str, Callable[[], float]]:
+    """One forward + backward per variant; each returns its loss (so the variants can be compared)."""
     model = bundle.model
 
     def engine_step(engine: IVTLR) -> Callable[[], float]:
         def step() -> float:
-            model.zero_grad(set_to_none=True)
             out = engine(**batches.latent)
             out.loss.backward()
             if out.attention_mask.shape[1] != batches.plain["input_ids"].shape[1]:
@@ -123,13 +124,12 @@ def training_steps(bundle: TinyBundle, config: BenchConfig, batches: Batches) ->
         return step
 
     def plain_step() -> float:
-        model.zero_grad(set_to_none=True)
         loss = model(**batches.plain).loss
         loss.backward()
         return loss.item()
 
     common = {"latent_token_id": bundle.latent_token_id, "num_selected_patches": config.num_selected_patches,
-              "latent_grad": "detach"}
+              "latent_grad": latent_grad}
     return {"cached": engine_step(IVTLR(model, recompute=False, **common)),
             "recompute": engine_step(IVTLR(model, recompute=True, **common)),
             "plain": plain_step}
@@ -158,6 +158,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant before timing")
+    parser.add_argument("--latent-grad", default="detach", choices=("detach", "full"),
+                        help="gradient through the fed-back hidden states: none (the original) or full (Coconut)")
     parser.add_argument("--out", default="benchmarks/results/engine.json")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: a smoke test")
     args = parser.parse_args(argv)
@@ -180,9 +182,15 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("batch %d, prompt %d tokens (%d image), input %d tokens, final %d tokens; %s %s, %d threads",
                 config.batch_size, batches.prompt_length, batches.image_tokens, batches.latent["input_ids"].shape[1],
                 final_length, device, args.dtype, torch.get_num_threads())
-    steps = training_steps(bundle, config, batches)
-    losses = {name: step() for name, step in steps.items()}
-    results = measure_all(steps, device, args.warmup, args.repeats)
+    steps = training_steps(bundle, config, batches, args.latent_grad)
+    # Every step starts as after `optimizer.zero_grad()`: the previous step's gradients are gone.
+    drop_gradients = functools.partial(bundle.model.zero_grad, set_to_none=True)
+
+    losses = {}
+    for name, step in steps.items():
+        drop_gradients()
+        losses[name] = step()
+    results = measure_all(steps, device, args.warmup, args.repeats, prepare=drop_gradients)
     verdicts = targets(results)
     logger.info("\n%s", results_table(results))
     for target in verdicts:
@@ -190,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {
         "benchmark": "engine_training_step",
         "machine": machine_info(device),
-        "config": {**asdict(config), "dtype": args.dtype, "repeats": args.repeats, "warmup": args.warmup,
+        "config": {**asdict(config), "dtype": args.dtype, "latent_grad": args.latent_grad, "repeats": args.repeats, "warmup": args.warmup,
                    "quick": args.quick, "prompt_length": batches.prompt_length,
                    "image_tokens": batches.image_tokens, "input_length": batches.latent["input_ids"].shape[1],
                    "final_length": final_length},
