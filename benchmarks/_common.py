@@ -98,7 +98,10 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.devi
 
 
 def _allocation_events(nodes) -> list:
-    """Every allocator event (positive: allocation, negative: free) in a profiler event tree, depth first."""
+    """Every allocator event (positive: allocation, negative: free) in a profiler event tree.
+
+    The public profiler tables only sum allocations per operator; the event tree is where each allocation and
+    free is recorded on its own, with its address and time."""
     found = []
     stack = list(nodes)
     while stack:

@@ -20,6 +20,7 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -30,6 +31,7 @@ from ivtlr.tiny import TinyBundle, build_tiny, make_test_image
 logger = logging.getLogger("bench_engine")
 
 VARIANTS = ("cached", "recompute", "plain")
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "engine.json"
 FILLER = ("Look at the image and think about each step before you give the final answer. Count the objects in "
           "each row, compare the two numbers and read the options carefully. ")
 
@@ -158,13 +160,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant before timing")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's own choice); recorded with the results")
     parser.add_argument("--latent-grad", default="detach", choices=("detach", "full"),
                         help="gradient through the fed-back hidden states: none (the original) or full (Coconut)")
-    parser.add_argument("--out", default="benchmarks/results/engine.json")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: a smoke test")
     args = parser.parse_args(argv)
     if args.quick:
-        args.repeats, args.warmup = 1, 0
+        args.repeats, args.warmup = 1, 0  # the loss-recording call in main() is the warmup
     return args
 
 
@@ -172,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, log the table and target verdicts, write the JSON record and return it."""
     args = parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = QUICK if args.quick else BenchConfig()
     bundle = build_tiny("qwen2_vl", attn_implementation="sdpa", hidden_size=config.hidden_size,
                         num_layers=config.num_layers, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
@@ -186,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Every step starts as after `optimizer.zero_grad()`: the previous step's gradients are gone.
     drop_gradients = functools.partial(bundle.model.zero_grad, set_to_none=True)
 
-    losses = {}
+    losses = {}  # the first call of each variant, which also warms it up
     for name, step in steps.items():
         drop_gradients()
         losses[name] = step()
@@ -198,8 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {
         "benchmark": "engine_training_step",
         "machine": machine_info(device),
-        "config": {**asdict(config), "dtype": args.dtype, "latent_grad": args.latent_grad, "repeats": args.repeats, "warmup": args.warmup,
-                   "quick": args.quick, "prompt_length": batches.prompt_length,
+        "config": {**asdict(config), "dtype": args.dtype, "latent_grad": args.latent_grad, "quick": args.quick,
+                   "repeats": args.repeats, "warmup": args.warmup, "prompt_length": batches.prompt_length,
                    "image_tokens": batches.image_tokens, "input_length": batches.latent["input_ids"].shape[1],
                    "final_length": final_length},
         "results": {name: {**m.as_dict(), "loss": losses[name]} for name, m in results.items()},

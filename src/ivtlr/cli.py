@@ -28,6 +28,7 @@ def _bench(argv: list[str]) -> int:
     if not script.is_file():
         raise SystemExit(f"no benchmark {argv[0]!r} in {BENCHMARKS} (benchmarks ship with the source checkout)")
     sys.argv = [str(script), *argv[1:]]
+    sys.path.insert(0, str(BENCHMARKS))  # the scripts import their shared helpers (_common.py)
     runpy.run_path(str(script), run_name="__main__")
     return 0
 
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[args.command][0])
     command_parser = argparse.ArgumentParser(prog=f"ivtlr {args.command}", description=COMMANDS[args.command][1])
     module.add_arguments(command_parser)
-    return int(module.run(command_parser.parse_args(rest)) or 0)
+    # intermixed: `key=value` overrides may follow options (`ivtlr eval CONFIG --checkpoint DIR lr=1e-5`)
+    return int(module.run(command_parser.parse_intermixed_args(rest)) or 0)
 
 
 if __name__ == "__main__":

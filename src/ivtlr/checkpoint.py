@@ -1,0 +1,288 @@
+"""Training checkpoints: model weights an evaluation can load on their own, plus the state to resume training.
+
+A checkpoint is a directory ``checkpoint-<step>`` holding
+
+- the trained weights: the PEFT adapter (``adapter_model.safetensors``) for a LoRA run, the full model
+  (``model.safetensors`` + ``config.json``) otherwise;
+- the processor and its tokenizer (``save_pretrained``), latent tokens included;
+- ``ivtlr.json``: what :func:`load_checkpoint` needs to rebuild the engine without the training config (base model,
+  latent token ids, K, number of latents, positions, patch order, mode, image size), the training position, and a
+  manifest of every file with its size;
+- ``training_state/``: optimizer, scheduler and RNG states (``Accelerator.save_state``).
+
+It is written to a hidden sibling directory, flushed to disk and renamed into place, so a directory named
+``checkpoint-<step>`` is always complete; the manifest catches files damaged later.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .engine import IVTLR
+from .modeling import TINY_PREFIX, Components, build_engine, load_components
+from .processors import load_processor
+
+logger = logging.getLogger(__name__)
+
+META_FILE = "ivtlr.json"
+TRAINING_STATE_DIR = "training_state"
+ADAPTER_FILE = "adapter_model.safetensors"
+FULL_WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+_ADAPTER_KEY_MARKERS = ("lora_", "trainable_tokens")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that is missing, incomplete or damaged; the message names the file."""
+
+
+@dataclass
+class CheckpointMeta:
+    """Contents of ``ivtlr.json``."""
+
+    base_model: str  # hub id, local directory or tiny:<family>
+    model_type: str
+    weights: str  # "lora" (PEFT adapter) or "full"
+    latent_token_id: int
+    start_latent_id: int
+    end_latent_id: int
+    num_selected_patches: int  # K
+    n_latent: int  # latent slots per question at the stage the checkpoint was trained at
+    latents_per_step: int
+    positions: str
+    patch_order: str
+    mode: str
+    image_size: int | None
+    base_seed: int  # seed the tiny base model was built with (unused for real checkpoints)
+    stage: int
+    epoch: int  # next epoch to train
+    batch: int  # global micro-batches of `epoch` already trained
+    step: int  # optimizer steps taken
+    global_batch_size: int  # samples per micro-batch over all processes
+    files: dict[str, int] = field(default_factory=dict)  # relative path -> size in bytes
+    format_version: int = FORMAT_VERSION
+
+
+def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first (hidden temporary directories are never listed)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    dirs = checkpoint_dirs(root)
+    return dirs[-1] if dirs else None
+
+
+def read_meta(path: str | os.PathLike) -> CheckpointMeta:
+    """Read ``ivtlr.json`` and check every file of the manifest is present with its recorded size."""
+    path = Path(path)
+    meta_file = path / META_FILE
+    if not meta_file.is_file():
+        raise CheckpointError(f"{meta_file} is missing: {path} is not a complete ivtlr checkpoint")
+    try:
+        data = json.loads(meta_file.read_text())
+        meta = CheckpointMeta(**data)
+    except (json.JSONDecodeError, TypeError) as error:
+        raise CheckpointError(f"{meta_file} is not a valid checkpoint description ({error})") from error
+    if meta.format_version != FORMAT_VERSION:
+        raise CheckpointError(f"{meta_file}: format version {meta.format_version}, expected {FORMAT_VERSION}")
+    for name, size in meta.files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint file {file} is missing")
+        if file.stat().st_size != size:
+            raise CheckpointError(f"checkpoint file {file} has {file.stat().st_size} bytes, expected {size} "
+                                  "(truncated or overwritten)")
+    return meta
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"checkpoint file {file} cannot be read ({error})") from error
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing memory (tied embeddings): give each repeat its own copy."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for key, value in state.items():
+        value = value.detach().contiguous()
+        where = (value.data_ptr(), value.numel())
+        out[key] = value.clone() if where in seen else value
+        seen.add(where)
+    return out
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> CheckpointMeta:
+    """Load a checkpoint's trained weights into ``model``, built as the checkpoint's run built it (LoRA or not)."""
+    from peft import PeftModel, set_peft_model_state_dict
+
+    path = Path(path)
+    meta = read_meta(path)
+    is_peft = isinstance(model, PeftModel)
+    if (meta.weights == "lora") != is_peft:
+        raise CheckpointError(f"{path} holds {meta.weights} weights but the model is "
+                              f"{'LoRA-wrapped' if is_peft else 'not LoRA-wrapped'}; set use_lora to match")
+    if is_peft:
+        result = set_peft_model_state_dict(model, _read_safetensors(path / ADAPTER_FILE))
+        missing = [k for k in result.missing_keys if any(marker in k for marker in _ADAPTER_KEY_MARKERS)]
+        if result.unexpected_keys or missing:
+            raise CheckpointError(f"{path / ADAPTER_FILE} does not fit the model: unexpected "
+                                  f"{result.unexpected_keys[:3]}, missing {missing[:3]} (different LoRA settings?)")
+    else:
+        try:
+            model.load_state_dict(_read_safetensors(path / FULL_WEIGHTS_FILE), strict=True)
+        except RuntimeError as error:
+            raise CheckpointError(f"the weights in {path} do not fit the model ({error})") from error
+    return meta
+
+
+def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+                    attn_implementation: str = "sdpa") -> tuple[IVTLR, Components, CheckpointMeta]:
+    """Rebuild the trained engine from a checkpoint directory alone, in eval mode.
+
+    The base model is loaded from its recorded name (a ``tiny:`` base is rebuilt from its recorded seed and image
+    size), the latent tokens added, then the adapter or full weights loaded; the processor is the checkpoint's own.
+    A full-weights checkpoint of a real model is loaded directly from the directory.
+    """
+    from peft import PeftModel
+
+    path = Path(path)
+    meta = read_meta(path)
+    if meta.weights == "full" and not meta.base_model.startswith(TINY_PREFIX):
+        components = load_components(str(path), dtype=dtype, attn_implementation=attn_implementation)
+    else:
+        components = load_components(meta.base_model, dtype=dtype, attn_implementation=attn_implementation,
+                                     image_size=meta.image_size, seed=meta.base_seed)
+        if meta.weights == "lora":
+            components.model = PeftModel.from_pretrained(components.model, str(path))
+        else:
+            load_weights(components.model, path)
+    components.processor = load_processor(str(path), meta.model_type)
+    components.tokenizer = components.processor.tokenizer
+    found = (components.latent_token_id, components.start_latent_id, components.end_latent_id)
+    expected = (meta.latent_token_id, meta.start_latent_id, meta.end_latent_id)
+    if found != expected:
+        raise CheckpointError(f"latent token ids {found} of the rebuilt model differ from {expected} in "
+                              f"{path / META_FILE}")
+    engine = build_engine(components, num_selected_patches=meta.num_selected_patches, mode=meta.mode,
+                          positions=meta.positions, patch_order=meta.patch_order)
+    return engine.eval(), components, meta
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush every file and directory under ``path`` (and ``path`` itself) to disk."""
+    for directory, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(directory, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(Path(directory))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _manifest(path: Path) -> dict[str, int]:
+    return {str(file.relative_to(path)): file.stat().st_size for file in sorted(path.rglob("*"))
+            if file.is_file() and file.name != META_FILE}
+
+
+def _remove(path: Path) -> None:
+    """Hide a directory by renaming it first, so an interrupted deletion never leaves a checkpoint-looking dir."""
+    hidden = path.with_name(f".deleting-{path.name}")
+    shutil.rmtree(hidden, ignore_errors=True)
+    path.rename(hidden)
+    shutil.rmtree(hidden)
+
+
+def _temporary_dir(root: Path, step: int) -> Path:
+    """Where checkpoint ``step`` is written before it is renamed into place."""
+    return root / f".tmp-checkpoint-{step:08d}"
+
+
+def clean_temporary_dirs(root: str | os.PathLike) -> None:
+    """Delete what interrupted saves left behind (hidden directories, never complete checkpoints)."""
+    root = Path(root)
+    if root.is_dir():
+        for stale in root.glob(".*checkpoint-*"):
+            logger.info("removing unfinished checkpoint directory %s", stale)
+            shutil.rmtree(stale)
+
+
+def save_checkpoint(accelerator, engine: nn.Module, processor, meta: CheckpointMeta, root: str | os.PathLike,
+                    keep_last: int | None = None) -> Path:
+    """Write a checkpoint of the prepared ``engine``; every process must call it (weights are gathered under
+    FSDP / DeepSpeed and each process saves its own RNG state)."""
+    root = Path(root)
+    tmp = _temporary_dir(root, meta.step)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    state = accelerator.get_state_dict(engine)
+    if accelerator.is_main_process:
+        _save_weights(accelerator.unwrap_model(engine).base_model, state, tmp)
+        processor.save_pretrained(str(tmp))
+    accelerator.save_state(str(tmp / TRAINING_STATE_DIR))
+    accelerator.wait_for_everyone()
+    final = _finalize(tmp, meta, keep_last) if accelerator.is_main_process else root / f"checkpoint-{meta.step:08d}"
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _save_weights(model: nn.Module, engine_state: dict[str, torch.Tensor], directory: Path) -> None:
+    """The adapter of a PEFT model, else the full model, from the engine's (gathered) state dict."""
+    from peft import PeftModel
+
+    prefix = "base_model."  # IVTLR keeps the wrapped model under this attribute
+    state = {key[len(prefix):]: value for key, value in engine_state.items() if key.startswith(prefix)}
+    if isinstance(model, PeftModel):
+        # The latent tokens' base rows are rebuilt by `add_latent_tokens`; only their trained deltas are saved.
+        model.save_pretrained(str(directory), state_dict=state, safe_serialization=True, save_embedding_layers=False)
+    else:
+        # The model's own parameter names (not `save_pretrained`'s hub layout), so `load_state_dict` takes them as
+        # they are; `from_pretrained` on the directory reads them too.
+        model.config.save_pretrained(str(directory))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(str(directory))
+        save_file(_unshared(state), str(directory / FULL_WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def _finalize(tmp: Path, meta: CheckpointMeta, keep_last: int | None) -> Path:
+    """Write ``ivtlr.json`` with the manifest, flush, rename ``tmp`` into place and prune old checkpoints."""
+    meta = dataclasses.replace(meta, files=_manifest(tmp))
+    (tmp / META_FILE).write_text(json.dumps(dataclasses.asdict(meta), indent=2))
+    _fsync_tree(tmp)
+    final = tmp.with_name(f"checkpoint-{meta.step:08d}")
+    if final.exists():
+        _remove(final)
+    tmp.rename(final)
+    _fsync_dir(final.parent)
+    if keep_last is not None:
+        for old in checkpoint_dirs(final.parent)[:-keep_last]:
+            _remove(old)
+    logger.info("saved checkpoint %s (epoch %d, step %d)", final, meta.epoch, meta.step)
+    return final

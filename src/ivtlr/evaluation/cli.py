@@ -1,0 +1,103 @@
+"""``ivtlr eval CONFIG [key=value ...] (--checkpoint DIR | --original STATE.pth --base MODEL)``.
+
+Answers the config's evaluation split (``dataset.eval_split`` of M3CoT, ScienceQA or local files) in batches of
+``eval.batch_size``, writes the predictions JSONL (resumable) and a summary JSON, and prints the accuracy table.
+Without ``--checkpoint`` or ``--original`` it evaluates ``model`` from the config as it is (zero-shot baselines,
+smoke runs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import Config, load_config
+from ..data import ExampleSequence, load_examples
+from ..scoring import format_summary_table
+from ..training.datasets import resolve_source
+from .loading import LoadedModel, default_device, load_checkpoint_model, load_config_model, load_original_model
+from .runner import GenerationSettings, evaluate, evaluation_summary, group_keys_for
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config (the training config of the run being evaluated)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.batch_size=16")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", type=Path, help="a checkpoint directory written by `ivtlr train`")
+    source.add_argument("--original", type=Path, metavar="STATE_DICT.pth",
+                        help="a checkpoint in the original IVT-LR release format (needs --base)")
+    parser.add_argument("--base", help="base model (hub id or directory) of an --original checkpoint")
+    parser.add_argument("--num-selected-patches", type=int, default=None,
+                        help="K for an --original checkpoint (default: the config's, else the family's)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for the predictions and the summary (default: save_path/name/eval)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def load_model(args: argparse.Namespace, config: Config, device: torch.device) -> LoadedModel:
+    dtype = torch.bfloat16 if config.bf16 and device.type == "cuda" else torch.float32
+    if args.checkpoint is not None:
+        model = load_checkpoint_model(args.checkpoint, device, dtype)
+        if model.mode != config.mode:
+            logger.warning("the checkpoint was trained in mode %s (config says %s): evaluating as %s",
+                           model.mode, config.mode, model.mode)
+        return model
+    if args.original is not None:
+        if not args.base:
+            raise SystemExit("--original needs --base (the base model the checkpoint was trained from)")
+        patches = args.num_selected_patches if args.num_selected_patches is not None else config.num_selected_patches
+        return load_original_model(args.original, args.base, mode=config.mode, num_selected_patches=patches,
+                                   image_size=config.image_size, device=device, dtype=dtype)
+    logger.warning("no --checkpoint or --original: evaluating %s as it is", config.model)
+    return load_config_model(config, device, dtype)
+
+
+def load_eval_examples(config: Config) -> ExampleSequence:
+    dataset = config.dataset
+    source, data_files = resolve_source(dataset)
+    return load_examples(source, dataset.eval_split, data_files=data_files, keep_no_image=dataset.keep_no_image,
+                         use_context=dataset.use_context, limit=dataset.limit)
+
+
+def run_label(args: argparse.Namespace) -> str:
+    """Names the weights in the output file names, so evaluations of different checkpoints never mix."""
+    if args.checkpoint is not None:
+        return args.checkpoint.resolve().name
+    return args.original.stem if args.original is not None else "untrained"
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    device = torch.device(args.device) if args.device else default_device()
+    model = load_model(args, config, device)
+    n_latent = model.n_latent(config.eval.n_latent, fallback=config.max_latent_stage)
+    settings = GenerationSettings(n_latent=n_latent, max_new_tokens=config.eval.max_new_tokens,
+                                  image_size=model.image_size)
+    examples = load_eval_examples(config)
+    stem = f"{run_label(args)}_{config.dataset.eval_split}_{model.mode}_latent{n_latent}"
+    out = args.out if args.out is not None else config.run_dir / "eval"
+    predictions, summary_path = out / f"predictions_{stem}.jsonl", out / f"summary_{stem}.json"
+    logger.info("evaluating %s (mode %s, %d latent steps, K=%d) on %d questions -> %s", model.source, model.mode,
+                n_latent, model.engine.num_selected_patches, len(examples), predictions)
+    start = time.perf_counter()
+    records = evaluate(model, examples, predictions, settings, batch_size=config.eval.batch_size,
+                       answer_rule=config.eval.answer_rule, progress=not args.no_progress)
+    run_info = {"model": model.source, "mode": model.mode, "n_latent": n_latent,
+                "num_selected_patches": model.engine.num_selected_patches, "dataset": config.dataset.source,
+                "split": config.dataset.eval_split, "answer_rule": config.eval.answer_rule,
+                "max_new_tokens": config.eval.max_new_tokens, "batch_size": config.eval.batch_size,
+                "device": str(device), "predictions": str(predictions),
+                "wall_seconds_this_run": time.perf_counter() - start}
+    summary = evaluation_summary(records, group_keys_for(examples), run_info)
+    summary_path.parent.mkdir(parents=True, exist_ok=True)
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    logger.info("wrote %s", summary_path)
+    print(format_summary_table(summary))  # noqa: T201 - the command's result
+    return 0

@@ -1,0 +1,279 @@
+"""``Trainer``: the progressive IVT-LR curriculum on Accelerate.
+
+The same loop runs on a CPU, one GPU, and under ``accelerate launch`` (DDP, FSDP, DeepSpeed ZeRO-2). Epoch ``e``
+trains curriculum stage ``e // epochs_per_stage``. The loss of an optimizer step is the mean over every labelled
+token of its accumulation window on every process, so the update does not depend on how a global batch is split
+over processes and micro-batches. Checkpoints (``ivtlr.checkpoint``) are written at every stage end and every
+``save_every_steps`` optimizer steps (every epoch end when that is null); re-running the same command continues
+from the newest one.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedType
+from accelerate.logging import get_logger
+from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from ..checkpoint import (TRAINING_STATE_DIR, CheckpointMeta, checkpoint_dirs, clean_temporary_dirs,
+                          latest_checkpoint, load_weights, read_meta, save_checkpoint)
+from ..config import Config, save_config
+from ..data import IGNORE_INDEX, Curriculum, CurriculumDataset, IVTLRCollator
+from ..metrics_log import MetricsLogger, tracker_names
+from .datasets import epoch_order, process_batches, training_examples
+from .model import build_training_model, fsdp_wrap_classes, latents_at_stage
+
+logger = get_logger(__name__)
+
+ENGINE_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw")
+CHECKPOINTS_DIR = "checkpoints"
+#: A debug run trains on this many optimizer steps' worth of examples per epoch and saves no checkpoint.
+DEBUG_STEPS_PER_EPOCH = 2
+
+
+@dataclass
+class Progress:
+    """Where training stands: the epoch in progress, its global micro-batches done, optimizer steps done."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int  # optimizer steps taken by this call
+    checkpoint: Path | None  # the newest checkpoint of the run
+    samples_per_s: float  # over this call's steps
+
+
+class Trainer:
+    """Train ``config`` (see ``ivtlr.config.Config`` for every key); call :meth:`train` once."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision="bf16" if config.bf16 else "no",
+            gradient_accumulation_plugin=GradientAccumulationPlugin(
+                num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False),
+            log_with=None if config.debug else tracker_names(config.log_with) or None,
+            project_dir=str(config.run_dir),
+            # Full fine-tuning includes weights no loss reaches (Chameleon's VQ encoder); LoRA's all get gradients.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=not config.use_lora)],
+        )
+        self.checkpoint_root = config.run_dir / CHECKPOINTS_DIR
+        self.global_batch = config.batch_size_training * self.accelerator.num_processes
+        self.curriculum = Curriculum(epochs_per_stage=config.epochs_per_stage,
+                                     max_latent_stage=config.max_latent_stage,
+                                     pad_latent_to_max=config.pad_latent_to_max,
+                                     latents_per_step=config.latents_per_step, mode=config.mode)
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def _checkpoint_to_resume(self) -> Path | None:
+        """``resume: E`` -> the checkpoint that ended epoch E-1 (if any); else the newest checkpoint of the run."""
+        config = self.config
+        if config.debug:
+            return None
+        if config.resume:
+            ended = [d for d in checkpoint_dirs(self.checkpoint_root)
+                     if (meta := read_meta(d)).epoch == config.resume and meta.batch == 0]
+            if not ended:
+                logger.warning("resume=%d: no checkpoint of the end of epoch %d in %s; epoch %d starts from %s",
+                               config.resume, config.resume - 1, self.checkpoint_root, config.resume,
+                               config.load_model_path or config.model)
+            return ended[-1] if ended else None
+        return latest_checkpoint(self.checkpoint_root)
+
+    def _prepare_distributed(self, model) -> None:
+        acc = self.accelerator
+        if acc.distributed_type == DistributedType.FSDP and acc.state.fsdp_plugin.transformer_cls_names_to_wrap is None:
+            acc.state.fsdp_plugin.transformer_cls_names_to_wrap = fsdp_wrap_classes(model)
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            # No dataloader goes through `prepare`, so DeepSpeed learns the micro-batch size here.
+            acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = \
+                self.config.batch_size_training
+        # The model weights are saved by the checkpoint itself (adapter or full model); `save_state` keeps the rest.
+        acc.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
+        acc.register_load_state_pre_hook(lambda models, input_dir: models.clear())
+
+    # ------------------------------------------------------------------------------------------------ training
+    def train(self) -> TrainResult:
+        config, acc = self.config, self.accelerator
+        set_seed(config.seed)
+        if acc.is_main_process:
+            config.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, config.run_dir / "config.yaml")
+            clean_temporary_dirs(self.checkpoint_root)
+        acc.wait_for_everyone()
+        checkpoint = self._checkpoint_to_resume()
+        debug_limit = DEBUG_STEPS_PER_EPOCH * self.global_batch * config.gradient_accumulation_steps
+        with acc.main_process_first():
+            examples = training_examples(config, limit=debug_limit if config.debug else None)
+        components, engine = build_training_model(config)
+        progress = Progress(epoch=config.resume)
+        if checkpoint is not None:
+            meta = load_weights(components.model, checkpoint)
+            if meta.batch and meta.global_batch_size != self.global_batch:
+                raise ValueError(f"{checkpoint} stopped mid-epoch with global batch {meta.global_batch_size}; "
+                                 f"resuming it needs the same (now {self.global_batch})")
+            progress = Progress(meta.epoch, meta.batch, meta.step)
+            logger.info("resuming from %s: epoch %d, batch %d, step %d", checkpoint, *vars(progress).values())
+        elif config.load_model_path:
+            load_weights(components.model, config.load_model_path)
+            logger.info("initial weights from %s", config.load_model_path)
+        self._prepare_distributed(components.model)
+        optimizer = torch.optim.AdamW([p for p in engine.parameters() if p.requires_grad], lr=config.lr,
+                                      weight_decay=config.weight_decay)
+        # Stepped here once per optimizer step (a prepared scheduler would step once per process).
+        scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.warmup_steps)
+        engine, optimizer = acc.prepare(engine, optimizer)
+        acc.register_for_checkpointing(scheduler)
+        if checkpoint is not None:
+            acc.load_state(str(checkpoint / TRAINING_STATE_DIR))
+        text_config = components.model.config.get_text_config()
+        collator = IVTLRCollator(components.processor, components.latent_token_id, image_size=config.image_size,
+                                 max_length=config.max_length or text_config.max_position_embeddings,
+                                 skip_too_long=True)
+        run = _Run(self, engine, optimizer, scheduler, components, CurriculumDataset(examples, self.curriculum),
+                   collator, progress)
+        result = run.epochs()
+        acc.end_training()
+        return result
+
+
+class _Run:
+    """The state of one ``Trainer.train`` call: the prepared objects, the progress and the logging sinks."""
+
+    def __init__(self, trainer: Trainer, engine, optimizer, scheduler, components, dataset: CurriculumDataset,
+                 collator: IVTLRCollator, progress: Progress):
+        self.trainer, self.config, self.acc = trainer, trainer.config, trainer.accelerator
+        self.engine, self.optimizer, self.scheduler = engine, optimizer, scheduler
+        self.components, self.dataset, self.collator, self.progress = components, dataset, collator, progress
+        self.checkpoint = latest_checkpoint(trainer.checkpoint_root) if not self.config.debug else None
+        self.metrics = MetricsLogger(self.acc, self.config.run_dir, jsonl="jsonl" in self.config.log_with,
+                                     project=self.config.project, run_name=self.config.name,
+                                     config=self.config.to_dict(), start_step=progress.step)
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        order = epoch_order(len(self.dataset), self.config.seed, epoch)
+        return process_batches(order, self.trainer.global_batch, self.acc.num_processes, self.acc.process_index)
+
+    def epochs(self) -> TrainResult:
+        config, progress, curriculum = self.config, self.progress, self.trainer.curriculum
+        accumulation = config.gradient_accumulation_steps
+        steps_per_epoch = math.ceil(len(self._batches(0)) / accumulation)
+        bar = tqdm(total=steps_per_epoch * config.num_epochs, initial=progress.step, desc=config.name,
+                   disable=not self.acc.is_local_main_process, dynamic_ncols=True)
+        first_step, start_time, samples = progress.step, time.perf_counter(), 0
+        for epoch in range(progress.epoch, config.num_epochs):
+            stage = curriculum.stage(epoch)
+            self.dataset.set_epoch(epoch)
+            if config.reset_optimizer and progress.batch == 0 and epoch and curriculum.stage(epoch - 1) != stage:
+                _reset_optimizer_state(self.optimizer)
+                logger.info("stage %d: optimizer state reset", stage)
+            batches = self._batches(epoch)
+            # Its own generator: creating the loader must not draw from the global RNG that dropout uses, or a run
+            # resumed mid-epoch would draw different masks than the uninterrupted one.
+            loader = iter(DataLoader(self.dataset, batch_sampler=batches[progress.batch:], collate_fn=self.collator,
+                                     num_workers=config.num_workers, generator=torch.Generator().manual_seed(epoch)))
+            done = progress.batch
+            while done < len(batches):
+                window = [next(loader) for _ in range(min(accumulation, len(batches) - done))]
+                stats = self._optimizer_step(window)
+                done += len(window)
+                epoch_done = done == len(batches)
+                progress.epoch, progress.batch = (epoch + 1, 0) if epoch_done else (epoch, done)
+                progress.step += 1
+                samples += stats["samples"]
+                self.metrics.log({"step": progress.step, "epoch": epoch, "stage": stage, **stats})
+                bar.update(1)
+                bar.set_postfix(stage=stage, epoch=epoch, loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}",
+                                samples_s=f"{stats['samples_per_s']:.1f}")
+                if self._save_due(epoch, epoch_done):
+                    self._save(stage)
+        bar.close()
+        if self.collator.skipped_too_long:
+            logger.warning("%d samples longer than max_length were skipped", self.collator.skipped_too_long)
+        elapsed = time.perf_counter() - start_time
+        return TrainResult(run_dir=config.run_dir, steps=progress.step - first_step, checkpoint=self.checkpoint,
+                           samples_per_s=samples / elapsed if samples else 0.0)
+
+    def _optimizer_step(self, window: list[dict[str, torch.Tensor]]) -> dict:
+        """Forward and backward every micro-batch of ``window``, then one clipped optimizer step."""
+        acc, started = self.acc, time.perf_counter()
+        # `accumulate` syncs gradients when its counter reaches the accumulation count: make that the window's last
+        # micro-batch, also for the shorter last window of an epoch.
+        acc.step = acc.gradient_accumulation_steps - len(window)
+        tokens = [int((batch["labels"] != IGNORE_INDEX).sum()) for batch in window]
+        window_tokens = acc.reduce(torch.tensor(sum(tokens), device=acc.device), "sum")
+        # Backward of sum(token losses) * scale: Accelerate divides by the accumulation count and DDP averages
+        # over processes, which leaves the mean over the window's labelled tokens on all processes.
+        scale = acc.num_processes * acc.gradient_accumulation_steps / window_tokens
+        totals = torch.zeros(3, device=acc.device)  # summed token loss, samples, latent slots
+        for batch, n_tokens in zip(window, tokens):
+            inputs = {key: batch[key].to(acc.device) for key in ENGINE_INPUTS if key in batch}
+            with acc.accumulate(self.engine):
+                output = self.engine(**inputs)
+                token_loss = output.loss * n_tokens
+                acc.backward(token_loss * scale)
+            latents = (inputs["input_ids"] == self.components.latent_token_id).sum()
+            totals += torch.stack([token_loss.detach().float(), torch.tensor(len(inputs["input_ids"])).to(totals),
+                                   latents.to(totals)])
+        grad_norm = acc.clip_grad_norm_(self.engine.parameters(), self.config.max_grad_norm or math.inf)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+        loss, samples, latents = acc.reduce(totals, "sum").tolist()
+        if grad_norm is not None:
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        return {"loss": loss / float(window_tokens), "lr": lr, "grad_norm": grad_norm, "samples": int(samples),
+                "latents": latents / samples, "samples_per_s": samples / (time.perf_counter() - started)}
+
+    # ------------------------------------------------------------------------------------------------ saving
+    def _save_due(self, epoch: int, epoch_done: bool) -> bool:
+        config, curriculum = self.config, self.trainer.curriculum
+        if config.debug:
+            return False
+        if config.save_every_steps and self.progress.step % config.save_every_steps == 0:
+            return True
+        stage_done = epoch + 1 == config.num_epochs or curriculum.stage(epoch + 1) != curriculum.stage(epoch)
+        return epoch_done and (stage_done or config.save_every_steps is None)
+
+    def _save(self, stage: int) -> None:
+        config, engine = self.config, self.acc.unwrap_model(self.engine)
+        progress, components = self.progress, self.components
+        meta = CheckpointMeta(
+            base_model=config.model, model_type=components.model_type,
+            weights="lora" if config.use_lora else "full", latent_token_id=components.latent_token_id,
+            start_latent_id=components.start_latent_id, end_latent_id=components.end_latent_id,
+            num_selected_patches=engine.num_selected_patches, n_latent=latents_at_stage(config, stage),
+            latents_per_step=config.latents_per_step, positions=config.positions, patch_order=config.patch_order,
+            mode=config.mode, image_size=config.image_size, base_seed=config.seed, stage=stage,
+            epoch=progress.epoch, batch=progress.batch, step=progress.step,
+            global_batch_size=self.trainer.global_batch)
+        self.checkpoint = save_checkpoint(self.acc, self.engine, components.processor, meta,
+                                          self.trainer.checkpoint_root, keep_last=config.keep_last)
+
+
+def _reset_optimizer_state(optimizer) -> None:
+    """Forget AdamW's moments (the original's ``reset_optimizer``): under Accelerate / DeepSpeed wrappers the torch
+    optimizer is the innermost ``.optimizer``."""
+    inner = optimizer
+    while hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    inner.state.clear()
+
+
+def train(config: Config) -> TrainResult:
+    """Run a training configuration to its end (or continue it from its newest checkpoint)."""
+    return Trainer(config).train()

@@ -1,0 +1,61 @@
+"""The training-step benchmark runs end to end at tiny sizes, and its memory measurement is exact."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from _common import cpu_peak_bytes  # noqa: E402
+import bench_engine  # noqa: E402
+
+FLOAT32 = 4
+
+
+def test_cpu_peak_follows_the_calls_own_allocations_and_frees():
+    held_before = [torch.empty(3_000_000)]
+
+    def allocate_and_free() -> None:
+        held_before.clear()  # freeing memory allocated before the call must not lower the peak below zero
+        first = torch.empty(1_000_000)
+        second = torch.empty(2_000_000)  # 3M floats held
+        del first  # 2M
+        third = torch.empty(500_000)  # 2.5M
+        del second, third
+
+    assert cpu_peak_bytes(allocate_and_free) == 3_000_000 * FLOAT32
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quick_run_measures_all_three_variants(tmp_path, restore_threads):
+    out = tmp_path / "engine.json"
+    # One thread: on a shared 2-core machine, threads waiting for each other make tiny steps slow.
+    returned = bench_engine.main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written == json.loads(json.dumps(returned))
+
+    results = written["results"]
+    assert set(results) == set(bench_engine.VARIANTS)
+    for variant in results.values():
+        assert variant["median_ms"] > 0
+        assert variant["peak_bytes"] > 0
+        assert len(variant["times_ms"]) == 1
+    # The cached chain and the original's recomputation compute the same loss on the same batch.
+    assert results["cached"]["loss"] == pytest.approx(results["recompute"]["loss"], rel=1e-4)
+
+    config = written["config"]
+    inserted = config["num_latents"] * config["num_selected_patches"]
+    assert config["final_length"] == config["input_length"] + inserted
+    assert [isinstance(t["passed"], bool) for t in written["targets"]] == [True] * 3
+    assert written["machine"]["torch"] == torch.__version__
+    assert written["machine"]["torch_threads"] == 1
