@@ -13,12 +13,12 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention_rows import AttentionRowRecorder, capture_attention_rows
 from .backbones import Backbone, get_backbone
 from .chain import IGNORE_INDEX, ChainRunner, SampleState, Segment
+from .loss import shifted_cross_entropy
 from .selection import PATCH_ORDERS, select_patches
 
 logger = logging.getLogger(__name__)
@@ -323,20 +323,6 @@ class IVTLR(nn.Module):
                 rows.append(start + seg.latent_row)
             start += seg.length
         return rows
-
-
-def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy: the batch mean over labelled tokens, and each sample's own mean."""
-    shift_logits = logits[:, :-1]
-    if shift_logits.dtype in (torch.float16, torch.bfloat16):
-        shift_logits = shift_logits.float()
-    shift_labels = labels[:, 1:]
-    per_token = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                                ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)
-    counts = (shift_labels != IGNORE_INDEX).sum(-1)
-    sums = per_token.sum(-1)
-    loss = sums.sum() / counts.sum().clamp(min=1)
-    return loss, sums / counts.clamp(min=1)
 
 
 class _TokenPicker:

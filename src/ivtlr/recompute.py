@@ -1,8 +1,10 @@
 """The original's algorithm: every latent step re-runs the whole prefix with eager attention maps.
 
 This is the reference path (``IVTLR(..., recompute=True)``) that the cached engine is tested against: no cache,
-no attention hook — patch scores come from the full attention maps the model returns, as in the original, and
-every pass stays in the autograd graph. It is slow on purpose; never use it for real training.
+no attention hook — patch scores come from the full attention maps the model returns, as in the original. Like the
+original, the loss is taken over the logits of *every* pass concatenated, with the labels right-aligned to the end
+(only the final pass's rows carry labels), so backward runs through every pass: the same value and gradients as
+the final pass alone, at the original's cost. It is slow on purpose; never use it for real training.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .chain import SampleState, Segment
+from .chain import IGNORE_INDEX, SampleState
+from .loss import shifted_cross_entropy
 
 if TYPE_CHECKING:
     from .engine import IVTLR, IVTLROutput
@@ -56,11 +59,13 @@ def recompute_forward(engine: "IVTLR", input_ids, attention_mask, labels, pixel_
     taken = [torch.zeros(len(lay.image_index), dtype=torch.bool, device=lay.ids.device) for lay in layouts]
     selected: list[list[torch.Tensor]] = [[] for _ in layouts]
     n_max = max(lay.n_latent for lay in layouts)
+    earlier_passes: list[list[torch.Tensor]] = [[] for _ in layouts]  # each sample's hidden rows of every pass
     with eager_attention(engine.backbone.model):
         for step in range(1, n_max + 1):
             active = [b for b, lay in enumerate(layouts) if lay.n_latent >= step]
             out, lengths = _full_pass(engine, [states[b] for b in active], output_attentions=True)
             for i, b in enumerate(active):
+                earlier_passes[b].append(out.last_hidden_state[i, : lengths[i]])
                 last = lengths[i] - 1
                 attention_row = torch.stack([a[i, :, last, : lengths[i]].float() for a in out.attentions])
                 scores = attention_row.mean(dim=(0, 1))
@@ -73,4 +78,23 @@ def recompute_forward(engine: "IVTLR", input_ids, attention_mask, labels, pixel_
         for seg in st.segments:
             seg.hidden = out.last_hidden_state[b, start : start + seg.length]
             start += seg.length
-    return engine._assemble(states, selected, labels is not None)
+    result = engine._assemble(states, selected, labels is not None)
+    if labels is not None:
+        result.loss, result.loss_per_sample = _loss_over_all_passes(engine, earlier_passes, result)
+    return result
+
+
+def _loss_over_all_passes(engine: "IVTLR", earlier_passes: list[list[torch.Tensor]], result: "IVTLROutput"):
+    """The original's loss: all passes' logits concatenated, labels right-aligned to the end."""
+    sums, counts = [], []
+    for b, hidden_per_pass in enumerate(earlier_passes):
+        final_rows = int(result.attention_mask[b].sum())
+        logits = torch.cat([engine.backbone.logits(h) for h in hidden_per_pass] + [result.logits[b, :final_rows]])
+        labels = torch.cat([torch.full((logits.shape[0] - final_rows,), IGNORE_INDEX, device=logits.device),
+                            result.labels[b, :final_rows]])
+        mean, _ = shifted_cross_entropy(logits.unsqueeze(0), labels.unsqueeze(0))
+        count = (labels[1:] != IGNORE_INDEX).sum()
+        sums.append(mean * count)
+        counts.append(count)
+    sums, counts = torch.stack(sums), torch.stack(counts)
+    return sums.sum() / counts.sum().clamp(min=1), sums / counts.clamp(min=1)
