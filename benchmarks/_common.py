@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import platform
 import statistics
 import time
@@ -183,6 +184,8 @@ def machine_info(device: torch.device) -> dict:
         "device": device.type,
         "cpu": cpu_model_name(),
         "torch_threads": torch.get_num_threads(),
+        # Other work on the machine slows every variant; a high load means timings to be taken with caution.
+        "load_average_1min": os.getloadavg()[0],
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),

@@ -10,6 +10,6 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
   "$venv/bin/python" -m pip install --quiet --upgrade pip
-  "$venv/bin/python" -m pip install --quiet "torch==${IVTLR_TORCH_VERSION:-2.13.0}" -e "$root[test,tensorboard]"
+  "$venv/bin/python" -m pip install --quiet "torch==${IVTLR_TORCH_VERSION:-2.13.0}" -e "$root[test]"
   touch "$stamp"
 fi

@@ -1,7 +1,8 @@
 """Multi-process training under ``accelerate launch`` with the shipped configs.
 
 DDP runs here on two CPU processes (gloo). Accelerate enables FSDP and DeepSpeed only for GPU backends, so those
-launches need two GPUs (and DeepSpeed installed); the FSDP layer-wrapping choice is checked on any machine.
+launches need two GPUs (and DeepSpeed installed); the FSDP layer-wrapping choice is checked on any machine, and
+test_train_fsdp_cpu.py runs the engine sharded over two CPU processes.
 """
 from __future__ import annotations
 

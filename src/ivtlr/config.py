@@ -112,7 +112,7 @@ class Config:
     save_every_steps: int | None = None  # null = save at the end of every epoch
     keep_last: int | None = None  # keep only the newest N checkpoints; null = keep all
     num_workers: int = 0
-    log_with: list[Logger] = field(default_factory=lambda: ["jsonl"])
+    log_with: list[Logger] = field(default_factory=lambda: ["jsonl", "tensorboard"])
 
     eval: EvalConfig = field(default_factory=EvalConfig)
 

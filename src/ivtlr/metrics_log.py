@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-logger = logging.getLogger(__name__)
 
 JSONL_FILE = "metrics.jsonl"
 #: log_with entries served by Accelerate's trackers, and the package each one needs.

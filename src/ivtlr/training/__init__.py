@@ -1,4 +1,4 @@
 """Training: the progressive latent curriculum on Accelerate (``ivtlr train``)."""
-from .trainer import Progress, Trainer, TrainResult, train
+from .trainer import Trainer, TrainResult, train
 
-__all__ = ["Progress", "TrainResult", "Trainer", "train"]
+__all__ = ["TrainResult", "Trainer", "train"]

@@ -6,18 +6,15 @@ the same global batches, and a resumed run finds the rest of an epoch by index, 
 """
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from ..config import Config, DatasetConfig
+from ..config import Config, DataFiles, DatasetConfig
 from ..data import ExampleSequence, load_examples
 from ..demo_data import SPLITS, write_digit_reasoning
-
-logger = logging.getLogger(__name__)
 
 DIGITS_SOURCE = "digits"
 CACHE_ENV = "IVTLR_CACHE"
@@ -28,9 +25,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ivtlr")
 
 
-def digit_data_files(directory: Path | None = None) -> dict[str, str]:
+def digit_data_files(cache_root: Path | None = None) -> dict[str, str]:
     """The built-in digit-puzzle splits as M3CoT-schema parquet files, written on first use."""
-    directory = (directory or cache_dir()) / DIGITS_SOURCE
+    directory = (cache_root or cache_dir()) / DIGITS_SOURCE
     files = {split: directory / f"{split}.parquet" for split in SPLITS}
     if not all(path.is_file() for path in files.values()):
         tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
@@ -41,7 +38,7 @@ def digit_data_files(directory: Path | None = None) -> dict[str, str]:
     return {split: str(path) for split, path in files.items()}
 
 
-def resolve_source(dataset: DatasetConfig) -> tuple[str, object]:
+def resolve_source(dataset: DatasetConfig) -> tuple[str, DataFiles | None]:
     """(source, data_files) for ``load_examples``: ``digits`` becomes its cached M3CoT-schema files."""
     if dataset.source == DIGITS_SOURCE:
         return "m3cot", digit_data_files()

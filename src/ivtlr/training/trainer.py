@@ -5,7 +5,8 @@ trains curriculum stage ``e // epochs_per_stage``. The loss of an optimizer step
 token of its accumulation window on every process, so the update does not depend on how a global batch is split
 over processes and micro-batches. Checkpoints (``ivtlr.checkpoint``) are written at every stage end and every
 ``save_every_steps`` optimizer steps (every epoch end when that is null); re-running the same command continues
-from the newest one.
+from the newest one. ``debug: true`` trains on the first examples only (two optimizer steps per epoch), writes
+metrics.jsonl but no checkpoint, and neither resumes nor starts TensorBoard / wandb.
 """
 from __future__ import annotations
 
@@ -174,6 +175,8 @@ class _Run:
         bar = tqdm(total=steps_per_epoch * config.num_epochs, initial=progress.step, desc=config.name,
                    disable=not self.acc.is_local_main_process, dynamic_ncols=True)
         first_step, start_time, samples = progress.step, time.perf_counter(), 0
+        if progress.epoch >= config.num_epochs:
+            logger.info("all %d epochs are trained already (%s)", config.num_epochs, self.checkpoint)
         for epoch in range(progress.epoch, config.num_epochs):
             stage = curriculum.stage(epoch)
             self.dataset.set_epoch(epoch)
@@ -187,8 +190,10 @@ class _Run:
                                      num_workers=config.num_workers, generator=torch.Generator().manual_seed(epoch)))
             done = progress.batch
             while done < len(batches):
+                started = time.perf_counter()
                 window = [next(loader) for _ in range(min(accumulation, len(batches) - done))]
                 stats = self._optimizer_step(window)
+                stats["samples_per_s"] = stats["samples"] / (time.perf_counter() - started)  # data loading included
                 done += len(window)
                 epoch_done = done == len(batches)
                 progress.epoch, progress.batch = (epoch + 1, 0) if epoch_done else (epoch, done)
@@ -196,8 +201,8 @@ class _Run:
                 samples += stats["samples"]
                 self.metrics.log({"step": progress.step, "epoch": epoch, "stage": stage, **stats})
                 bar.update(1)
-                bar.set_postfix(stage=stage, epoch=epoch, loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}",
-                                samples_s=f"{stats['samples_per_s']:.1f}")
+                bar.set_postfix({"stage": stage, "epoch": epoch, "loss": f"{stats['loss']:.4f}",
+                                 "lr": f"{stats['lr']:.2e}", "samples/s": f"{stats['samples_per_s']:.1f}"})
                 if self._save_due(epoch, epoch_done):
                     self._save(stage)
         bar.close()
@@ -209,7 +214,7 @@ class _Run:
 
     def _optimizer_step(self, window: list[dict[str, torch.Tensor]]) -> dict:
         """Forward and backward every micro-batch of ``window``, then one clipped optimizer step."""
-        acc, started = self.acc, time.perf_counter()
+        acc = self.acc
         # `accumulate` syncs gradients when its counter reaches the accumulation count: make that the window's last
         # micro-batch, also for the shorter last window of an epoch.
         acc.step = acc.gradient_accumulation_steps - len(window)
@@ -237,7 +242,7 @@ class _Run:
         if grad_norm is not None:
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         return {"loss": loss / float(window_tokens), "lr": lr, "grad_norm": grad_norm, "samples": int(samples),
-                "latents": latents / samples, "samples_per_s": samples / (time.perf_counter() - started)}
+                "latents": latents / samples}
 
     # ------------------------------------------------------------------------------------------------ saving
     def _save_due(self, epoch: int, epoch_done: bool) -> bool:
