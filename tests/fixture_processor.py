@@ -19,7 +19,7 @@ from ivtlr.data import answer_line, format_prompt_text
 from ivtlr.tiny import build_processor
 from schema_files import DIGIT_NAMES
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "original_ivtlr"
+from test_original_fixtures import FIXTURES
 QWEN_FIXTURE = FIXTURES / "qwen2vl"
 IMAGE_SIZE = 112  # the fixture's image size: 8x8 patches -> 4x4 = 16 merged tokens
 

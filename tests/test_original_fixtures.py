@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,9 @@ import torch
 from ivtlr import IVTLR
 from ivtlr.original import original_key_to_peft
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "original_ivtlr"
+#: ../shared/fixtures/original_ivtlr next to the checkout, or wherever IVTLR_FIXTURES points.
+FIXTURES = Path(os.environ.get("IVTLR_FIXTURES",
+                               Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "original_ivtlr"))
 MODELS = ("qwen2vl", "chameleon")
 ORDERS = {"topk": "as_run", "score": "score_desc", "position": "position_asc"}
 
