@@ -18,8 +18,8 @@ from transformers import PreTrainedTokenizerFast
 from ivtlr.data import answer_line, format_prompt_text
 from ivtlr.tiny import build_processor
 from schema_files import DIGIT_NAMES
-
 from test_original_fixtures import FIXTURES
+
 QWEN_FIXTURE = FIXTURES / "qwen2vl"
 IMAGE_SIZE = 112  # the fixture's image size: 8x8 patches -> 4x4 = 16 merged tokens
 
