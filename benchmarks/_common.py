@@ -178,14 +178,18 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def load_average() -> float:
+    """The machine's 1-minute load: other work slows every variant, so a high load flags timings to distrust."""
+    return os.getloadavg()[0]
+
+
 def machine_info(device: torch.device) -> dict:
     """What the numbers were measured on."""
     info = {
         "device": device.type,
         "cpu": cpu_model_name(),
         "torch_threads": torch.get_num_threads(),
-        # Other work on the machine slows every variant; a high load means timings to be taken with caution.
-        "load_average_1min": os.getloadavg()[0],
+        "load_average_1min": load_average(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),

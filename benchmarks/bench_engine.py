@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from _common import Measurement, Target, format_table, machine_info, measure_all, write_json
+from _common import Measurement, Target, format_table, load_average, machine_info, measure_all, write_json
 from ivtlr import IVTLR
 from ivtlr.tiny import TinyBundle, build_tiny, make_test_image
 
@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("batch %d, prompt %d tokens (%d image), input %d tokens, final %d tokens; %s %s, %d threads",
                 config.batch_size, batches.prompt_length, batches.image_tokens, batches.latent["input_ids"].shape[1],
                 final_length, device, args.dtype, torch.get_num_threads())
+    machine = machine_info(device)  # before the run, so that its load is the one the run started under
     steps = training_steps(bundle, config, batches, args.latent_grad)
     # Every step starts as after `optimizer.zero_grad()`: the previous step's gradients are gone.
     drop_gradients = functools.partial(bundle.model.zero_grad, set_to_none=True)
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info(target.describe())
     payload = {
         "benchmark": "engine_training_step",
-        "machine": machine_info(device),
+        "machine": {**machine, "load_average_1min_after": load_average()},
         "config": {**asdict(config), "dtype": args.dtype, "latent_grad": args.latent_grad, "quick": args.quick,
                    "repeats": args.repeats, "warmup": args.warmup, "prompt_length": batches.prompt_length,
                    "image_tokens": batches.image_tokens, "input_length": batches.latent["input_ids"].shape[1],

@@ -67,13 +67,13 @@ PARITY_AND_ORDER = "parity_and_order"
 KINDS = (SUM_LAST_DIGIT, DIFFERENCE_MOD_10, PARITY_AND_ORDER)
 DOMAIN_OF_KIND = {SUM_LAST_DIGIT: "arithmetic", DIFFERENCE_MOD_10: "arithmetic", PARITY_AND_ORDER: "logic"}
 
-# Each question names the cells in the order the rationale reads them.
+# Each question names the cells in the order the rationale reads them, a colour standing for its cell's digit.
+# The wording is terse on purpose: a tiny model trained from scratch learns to look up the named cell far sooner when
+# the prompt is short (its image tokens then hold a larger share of every attention row).
 QUESTION_OF_KIND = {
-    SUM_LAST_DIGIT: "What is the last digit of the sum of the digit in the {first} cell "
-    "and the digit in the {second} cell?",
-    DIFFERENCE_MOD_10: "What is the digit in the {first} cell minus the digit in the {second} cell, modulo 10?",
-    PARITY_AND_ORDER: "Is the sum of the digits in the {first} and {second} cells odd or even, "
-    "and which of the two digits is larger?",
+    SUM_LAST_DIGIT: "What is the last digit of {first} + {second}?",
+    DIFFERENCE_MOD_10: "What is {first} - {second}, modulo 10?",
+    PARITY_AND_ORDER: "Is {first} + {second} odd or even, and which is larger?",
 }
 
 
