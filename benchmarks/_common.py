@@ -6,6 +6,7 @@ allocator (never RSS, which also counts the interpreter, libraries and freed-but
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import logging
@@ -222,3 +223,28 @@ def write_json(path: str | Path, payload: dict) -> Path:
     path.write_text(json.dumps(payload, indent=2) + "\n")
     logger.info("wrote %s", path)
     return path
+
+
+def benchmark_parser(description: str, default_out: Path, *, warmup: int, unit: str) -> argparse.ArgumentParser:
+    """The options every benchmark script takes (each adds its own)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--repeats", type=int, default=5, help=f"timed {unit}s per variant (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=warmup, help=f"untimed {unit}s per variant before timing")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's own choice); recorded with the results")
+    parser.add_argument("--out", type=Path, default=default_out)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: a smoke test")
+    return parser
+
+
+def build_bench_model(config, dtype: torch.dtype, device: torch.device):
+    """The benchmarks' tiny Qwen2-VL (sdpa) at ``config``'s sizes, on ``device``."""
+    from ivtlr.tiny import build_tiny
+
+    bundle = build_tiny("qwen2_vl", attn_implementation="sdpa", hidden_size=config.hidden_size,
+                        num_layers=config.num_layers, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
+                        intermediate_size=config.intermediate_size, image_size=config.image_size, dtype=dtype)
+    bundle.model.to(device)
+    return bundle

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from _common import Measurement, Target, format_table, load_average, machine_info, measure_all, write_json
+from _common import benchmark_parser, build_bench_model, Measurement, Target, format_table, load_average, machine_info, measure_all, write_json
 from ivtlr import IVTLR
-from ivtlr.tiny import TinyBundle, build_tiny, make_test_image
+from ivtlr.tiny import TinyBundle, make_test_image
 
 logger = logging.getLogger("bench_engine")
 
@@ -155,17 +155,9 @@ def results_table(results: dict[str, Measurement]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant (the median is reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant before timing")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's own choice); recorded with the results")
+    parser = benchmark_parser(__doc__.split("\n\n")[0], DEFAULT_OUT, warmup=2, unit="step")
     parser.add_argument("--latent-grad", default="detach", choices=("detach", "full"),
                         help="gradient through the fed-back hidden states: none (the original) or full (Coconut)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: a smoke test")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup = 1, 0  # the loss-recording call in main() is the warmup
@@ -179,10 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = QUICK if args.quick else BenchConfig()
-    bundle = build_tiny("qwen2_vl", attn_implementation="sdpa", hidden_size=config.hidden_size,
-                        num_layers=config.num_layers, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
-                        intermediate_size=config.intermediate_size, image_size=config.image_size, dtype=dtype)
-    bundle.model.to(device).train()
+    bundle = build_bench_model(config, dtype, device)
+    bundle.model.train()
     batches = build_batches(bundle, config, dtype, device)
     final_length = batches.plain["input_ids"].shape[1]
     logger.info("batch %d, prompt %d tokens (%d image), input %d tokens, final %d tokens; %s %s, %d threads",

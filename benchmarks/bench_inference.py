@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from _common import Target, format_table, machine_info, time_interleaved, write_json
+from _common import benchmark_parser, build_bench_model, Target, format_table, machine_info, time_interleaved, write_json
 from ivtlr import IVTLR
-from ivtlr.tiny import TinyBundle, build_tiny, make_test_image
+from ivtlr.tiny import TinyBundle, make_test_image
 
 logger = logging.getLogger("bench_inference")
 
@@ -187,16 +187,7 @@ def results_table(results: dict[str, Result]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per variant (the median is reported)")
-    parser.add_argument("--warmup", type=int, default=1,
-                        help="untimed calls per variant before timing (besides the call that checks its length)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's own choice); recorded with the results")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: a smoke test")
+    parser = benchmark_parser(__doc__.split("\n\n")[0], DEFAULT_OUT, warmup=1, unit="call")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup = 1, 0
@@ -210,10 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = QUICK if args.quick else BenchConfig()
-    bundle = build_tiny("qwen2_vl", attn_implementation="sdpa", hidden_size=config.hidden_size,
-                        num_layers=config.num_layers, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
-                        intermediate_size=config.intermediate_size, image_size=config.image_size, dtype=dtype)
-    bundle.model.to(device).eval()
+    bundle = build_bench_model(config, dtype, device)
+    bundle.model.eval()
     chosen = variants(bundle, config, device)
     with torch.no_grad():
         for variant in chosen:  # also the first, untimed call of each

@@ -112,3 +112,8 @@ def test_loss_curve_places_each_step_in_the_whole_schedule(tmp_path):
 def test_target_checks(ivtlr, expected):
     rows = {"ivtlr": ivtlr, "cot": dict(accuracy=0.60, ar_steps=40.0), "nocot": dict(accuracy=0.40, ar_steps=7.0)}
     assert list(demo.target_checks(rows).values()) == expected
+
+
+def test_running_mean():
+    assert demo.running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert demo.running_mean([2.0, 4.0], 1) == [2.0, 4.0]

@@ -255,7 +255,7 @@ def evaluate_checkpoint(checkpoint: Path, data_files: dict[str, str], split: str
 
 
 #: Outline colours of latent steps 1, 2, 3 that no digit cell has (the cells are red, green, blue, yellow).
-EXPLAIN_STEP_COLORS = ("black", "magenta", "white")
+EXPLAIN_STEP_COLORS = ("black", "magenta", "cyan")
 
 
 def explain_questions(checkpoint: Path, data_files: dict[str, str], count: int, out_dir: Path) -> list[Path]:
@@ -265,7 +265,7 @@ def explain_questions(checkpoint: Path, data_files: dict[str, str], count: int, 
     paths = []
     for example in examples:
         result = answer_question(model, example.image, example.question, example.choices)
-        title = f"{example.id}: answered {result.answer or '-'}, gold {example.answer}"
+        title = f"{example.question}  answered {result.answer or '-'}, gold {example.answer}"
         path = out_dir / f"{example.id}.png"
         save_selection_png(path, result.seen_image, result.grid_hw, result.selected, scale=3, title=title,
                            step_colors=EXPLAIN_STEP_COLORS)
@@ -335,27 +335,38 @@ def read_loss_curve(run_dir: Path, first_epoch: int, resume_epoch: int) -> tuple
 
 def plot_training_curves(curves: dict[str, tuple[list[float], list[float]]], stage_starts: Sequence[float],
                          path: Path) -> Path:
-    """Training loss against epochs, one line per run, dotted lines where latent stages begin."""
+    """Training loss against epochs, one line per run (a running mean over a tenth of an epoch), dotted lines where
+    latent stages begin."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(8, 4.5))
+    figure, axes = plt.subplots(figsize=(9, 4.8))
     for label, (xs, ys) in curves.items():
-        axes.plot(xs, ys, label=label, linewidth=1.2)
+        steps_per_epoch = sum(1 for x in xs if x <= xs[0] + 1) or 1
+        axes.plot(xs, running_mean(ys, max(1, steps_per_epoch // 10)), label=label, linewidth=1.2)
     for stage, start in enumerate(stage_starts, start=1):
         axes.axvline(start, color="grey", linestyle=":", linewidth=1)
-        axes.text(start, 1.0, f" stage {stage}", transform=axes.get_xaxis_transform(), va="top", fontsize=8)
+        axes.text(start, 0.02, f" stage {stage}", transform=axes.get_xaxis_transform(), fontsize=8)
     axes.set_xlabel("epoch")
     axes.set_ylabel("training loss (per labelled token)")
     axes.set_yscale("log")
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes.set_title("IVT-LR demo: training loss")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def running_mean(values: Sequence[float], window: int) -> list[float]:
+    """Mean of each value and the ``window - 1`` before it (fewer at the start)."""
+    out, total = [], 0.0
+    for index, value in enumerate(values):
+        total += value - (values[index - window] if index >= window else 0.0)
+        out.append(total / min(index + 1, window))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- command

@@ -148,9 +148,9 @@ def _rationale(kind: str, a: int, b: int, first: str, second: str) -> str:
     """Three sentences joined by ". " so DESIGN §1.2's splitter yields three steps: read, read, combine."""
     reads = f"The {first} cell shows {a}. The {second} cell shows {b}. "
     if kind == SUM_LAST_DIGIT:
-        return reads + f"{a} plus {b} is {a + b}, so the last digit is {(a + b) % 10}."
+        return reads + f"{a} plus {b} equals {a + b}, so the last digit of the sum of the two digits is {(a + b) % 10}."
     if kind == DIFFERENCE_MOD_10:
-        return reads + f"{a} minus {b} is {a - b}, which is {(a - b) % 10} modulo 10."
+        return reads + f"{a} minus {b} equals {a - b}, so the difference of the two digits modulo 10 is {(a - b) % 10}."
     parity = "odd" if (a + b) % 2 else "even"
     larger, colour = (a, first) if a > b else (b, second)
     return reads + f"{a} plus {b} is {a + b}, which is {parity}, and {larger} in the {colour} cell is larger."
