@@ -17,15 +17,21 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import transformers
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
+if TYPE_CHECKING:
+    from ivtlr.tiny import TinyBundle
+
 logger = logging.getLogger(__name__)
 
 MIB = 2**20
+
+ConfigT = TypeVar("ConfigT")
 
 
 @dataclass
@@ -248,3 +254,13 @@ def build_bench_model(config, dtype: torch.dtype, device: torch.device):
                         intermediate_size=config.intermediate_size, image_size=config.image_size, dtype=dtype)
     bundle.model.to(device)
     return bundle
+
+
+def bench_setup(args: argparse.Namespace, full: ConfigT, quick: ConfigT
+                ) -> tuple[torch.device, torch.dtype, ConfigT, TinyBundle]:
+    """Device, dtype, threads, sizes and model as the common options ask, so every benchmark starts alike."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = quick if args.quick else full
+    return device, dtype, config, build_bench_model(config, dtype, device)

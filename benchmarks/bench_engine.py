@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from _common import benchmark_parser, build_bench_model, Measurement, Target, format_table, load_average, machine_info, measure_all, write_json
+from _common import bench_setup, benchmark_parser, Measurement, Target, format_table, load_average, machine_info, measure_all, write_json
 from ivtlr import IVTLR
 from ivtlr.tiny import TinyBundle, make_test_image
 
@@ -167,11 +167,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, log the table and target verdicts, write the JSON record and return it."""
     args = parse_args(argv)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = QUICK if args.quick else BenchConfig()
-    bundle = build_bench_model(config, dtype, device)
+    device, dtype, config, bundle = bench_setup(args, BenchConfig(), QUICK)
     bundle.model.train()
     batches = build_batches(bundle, config, dtype, device)
     final_length = batches.plain["input_ids"].shape[1]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from _common import benchmark_parser, build_bench_model, Target, format_table, machine_info, time_interleaved, write_json
+from _common import bench_setup, benchmark_parser, Target, format_table, machine_info, time_interleaved, write_json
 from ivtlr import IVTLR
 from ivtlr.tiny import TinyBundle, make_test_image
 
@@ -197,11 +197,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, log the table and target verdicts, write the JSON record and return it."""
     args = parse_args(argv)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = QUICK if args.quick else BenchConfig()
-    bundle = build_bench_model(config, dtype, device)
+    device, _, config, bundle = bench_setup(args, BenchConfig(), QUICK)
     bundle.model.eval()
     chosen = variants(bundle, config, device)
     with torch.no_grad():

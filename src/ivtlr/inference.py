@@ -18,7 +18,8 @@ from PIL import Image
 from .config import AnswerRule
 from .data import Example, resize_image
 from .data.curriculum import MODES
-from .evaluation.loading import LoadedModel, default_device, load_checkpoint_model, load_original_model
+from .evaluation.loading import (LoadedModel, add_device_argument, add_model_arguments, load_requested_model,
+                                 resolve_device)
 from .evaluation.runner import GenerationSettings, generate_answers
 from .explain import save_selection_png
 from .scoring import extract_answer
@@ -77,13 +78,7 @@ def processor_view(processor, image: Image.Image, image_grid_thw: torch.Tensor |
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", type=Path, help="a checkpoint directory written by `ivtlr train`")
-    source.add_argument("--original", type=Path, metavar="STATE_DICT.pth",
-                        help="a checkpoint in the original IVT-LR release format (needs --base)")
-    parser.add_argument("--base", help="base model (hub id or directory) of an --original checkpoint")
-    parser.add_argument("--num-selected-patches", type=int, default=None,
-                        help="K for an --original checkpoint (default: the family's)")
+    add_model_arguments(parser, required=True, patches_default="the family's")
     parser.add_argument("--mode", choices=MODES, default="ivtlr", help="mode of an --original checkpoint")
     parser.add_argument("--image", type=Path, required=True)
     parser.add_argument("--question", required=True)
@@ -95,21 +90,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="resize the image to this square first (default: the checkpoint's training size)")
     parser.add_argument("--answer-rule", choices=("original", "m3cot"), default="original")
     parser.add_argument("--explain", type=Path, metavar="OUT.png", help="draw each latent step's patches")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-
-
-def _load(args: argparse.Namespace, device: torch.device) -> LoadedModel:
-    if args.checkpoint is not None:
-        return load_checkpoint_model(args.checkpoint, device)
-    if not args.base:
-        raise SystemExit("--original needs --base (the base model the checkpoint was trained from)")
-    return load_original_model(args.original, args.base, mode=args.mode, num_selected_patches=args.num_selected_patches,
-                               image_size=args.image_size, device=device)
+    add_device_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    device = torch.device(args.device) if args.device else default_device()
-    model = _load(args, device)
+    model = load_requested_model(args, resolve_device(args.device), mode=args.mode,
+                                 num_selected_patches=args.num_selected_patches, image_size=args.image_size)
     with Image.open(args.image) as image:
         result = answer_question(model, image, args.question, args.choices, n_latent=args.n_latent,
                                  max_new_tokens=args.max_new_tokens, image_size=args.image_size,

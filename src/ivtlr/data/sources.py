@@ -53,6 +53,12 @@ def _choices(row: Mapping[str, Any]) -> list[str]:
     return [str(choice) for choice in choices]
 
 
+def _require_answer(valid: bool, detail: str) -> None:
+    """Reject an answer naming no option under one reason for both schemas, so their skips are counted together."""
+    if not valid:
+        raise InvalidExample("answer outside the options", detail)
+
+
 def _with_context(question: str, context: str, use_context: bool) -> str:
     return f"Context: {context}\n{question}" if use_context and context else question
 
@@ -64,10 +70,8 @@ def _row_id(row: Mapping[str, Any], split: str, row_index: int) -> str:
 def _m3cot_example(row: Mapping[str, Any], split: str, row_index: int, use_context: bool) -> Example:
     choices = _choices(row)
     answer = str(row.get("answer") or "").strip().upper()
-    if len(answer) != 1 or answer not in OPTION_LETTERS[: len(choices)]:
-        raise InvalidExample(
-            "answer outside the options", f"{row.get('answer')!r} is not one of the {len(choices)} option letters"
-        )
+    _require_answer(len(answer) == 1 and answer in OPTION_LETTERS[: len(choices)],
+                    f"{row.get('answer')!r} is not one of the {len(choices)} option letters")
     context = str(row.get("context") or "")
     metadata = {
         "source": "m3cot",
@@ -92,10 +96,8 @@ def _m3cot_example(row: Mapping[str, Any], split: str, row_index: int, use_conte
 def _scienceqa_example(row: Mapping[str, Any], split: str, row_index: int, use_context: bool) -> Example:
     choices = _choices(row)
     answer_index = row.get("answer")
-    if not isinstance(answer_index, int) or not 0 <= answer_index < len(choices):
-        raise InvalidExample(
-            "answer outside the options", f"index {answer_index!r} is not one of the {len(choices)} options"
-        )
+    _require_answer(isinstance(answer_index, int) and 0 <= answer_index < len(choices),
+                    f"index {answer_index!r} is not one of the {len(choices)} options")
     explanation = [text for text in (row.get("lecture"), row.get("solution")) if text]
     hint = str(row.get("hint") or "")
     metadata = {

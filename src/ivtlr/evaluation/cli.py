@@ -19,7 +19,8 @@ from ..config import Config, load_config
 from ..data import ExampleSequence, load_examples
 from ..scoring import format_summary_table
 from ..training.datasets import resolve_source
-from .loading import LoadedModel, default_device, load_checkpoint_model, load_config_model, load_original_model
+from .loading import (LoadedModel, add_device_argument, add_model_arguments, load_config_model, load_requested_model,
+                      resolve_device)
 from .runner import GenerationSettings, evaluate, evaluation_summary, group_keys_for
 
 logger = logging.getLogger(__name__)
@@ -28,35 +29,25 @@ logger = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config (the training config of the run being evaluated)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.batch_size=16")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", type=Path, help="a checkpoint directory written by `ivtlr train`")
-    source.add_argument("--original", type=Path, metavar="STATE_DICT.pth",
-                        help="a checkpoint in the original IVT-LR release format (needs --base)")
-    parser.add_argument("--base", help="base model (hub id or directory) of an --original checkpoint")
-    parser.add_argument("--num-selected-patches", type=int, default=None,
-                        help="K for an --original checkpoint (default: the config's, else the family's)")
+    add_model_arguments(parser, required=False, patches_default="the config's, else the family's")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for the predictions and the summary (default: save_path/name/eval)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_device_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def load_model(args: argparse.Namespace, config: Config, device: torch.device) -> LoadedModel:
     dtype = torch.bfloat16 if config.bf16 and device.type == "cuda" else torch.float32
-    if args.checkpoint is not None:
-        model = load_checkpoint_model(args.checkpoint, device, dtype)
-        if model.mode != config.mode:
-            logger.warning("the checkpoint was trained in mode %s (config says %s): evaluating as %s",
-                           model.mode, config.mode, model.mode)
-        return model
-    if args.original is not None:
-        if not args.base:
-            raise SystemExit("--original needs --base (the base model the checkpoint was trained from)")
-        patches = args.num_selected_patches if args.num_selected_patches is not None else config.num_selected_patches
-        return load_original_model(args.original, args.base, mode=config.mode, num_selected_patches=patches,
-                                   image_size=config.image_size, device=device, dtype=dtype)
-    logger.warning("no --checkpoint or --original: evaluating %s as it is", config.model)
-    return load_config_model(config, device, dtype)
+    if args.checkpoint is None and args.original is None:
+        logger.warning("no --checkpoint or --original: evaluating %s as it is", config.model)
+        return load_config_model(config, device, dtype)
+    patches = args.num_selected_patches if args.num_selected_patches is not None else config.num_selected_patches
+    model = load_requested_model(args, device, mode=config.mode, num_selected_patches=patches,
+                                 image_size=config.image_size, dtype=dtype)
+    if model.mode != config.mode:  # only a checkpoint can disagree: an --original is loaded in the config's mode
+        logger.warning("the checkpoint was trained in mode %s (config says %s): evaluating as %s",
+                       model.mode, config.mode, model.mode)
+    return model
 
 
 def load_eval_examples(config: Config) -> ExampleSequence:
@@ -75,7 +66,7 @@ def run_label(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
-    device = torch.device(args.device) if args.device else default_device()
+    device = resolve_device(args.device)
     model = load_model(args, config, device)
     n_latent = model.n_latent(config.eval.n_latent, fallback=config.max_latent_stage)
     settings = GenerationSettings(n_latent=n_latent, max_new_tokens=config.eval.max_new_tokens,

@@ -6,6 +6,7 @@ harness and the single-question command never need to know where a model came fr
 """
 from __future__ import annotations
 
+import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,30 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool, patches_default: str) -> None:
+    """The options naming the weights, declared once so ``ivtlr eval`` and ``ivtlr infer`` read them alike.
+
+    ``patches_default`` completes the help of ``--num-selected-patches``: what K is when it is not given.
+    """
+    source = parser.add_mutually_exclusive_group(required=required)
+    source.add_argument("--checkpoint", type=Path, help="a checkpoint directory written by `ivtlr train`")
+    source.add_argument("--original", type=Path, metavar="STATE_DICT.pth",
+                        help="a checkpoint in the original IVT-LR release format (needs --base)")
+    parser.add_argument("--base", help="base model (hub id or directory) of an --original checkpoint")
+    parser.add_argument("--num-selected-patches", type=int, default=None,
+                        help=f"K for an --original checkpoint (default: {patches_default})")
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device``, declared once for the commands that run a model; :func:`resolve_device` reads it."""
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The ``--device`` asked for, else :func:`default_device`."""
+    return torch.device(name) if name else default_device()
+
+
 def load_checkpoint_model(directory: str | Path, device: torch.device, dtype: torch.dtype = torch.float32
                           ) -> LoadedModel:
     """A checkpoint written by ``ivtlr train``; its ``ivtlr.json`` says the mode, final stage and image size."""
@@ -109,6 +134,22 @@ def load_config_model(config: Config, device: torch.device, dtype: torch.dtype =
     return LoadedModel(engine=engine, tokenizer=components.tokenizer, processor=components.processor,
                        mode=config.mode, trained_n_latent=None, image_size=config.image_size,
                        source=f"model {config.model} (no IVT-LR checkpoint)")
+
+
+def load_requested_model(args: argparse.Namespace, device: torch.device, *, mode: Mode,
+                         num_selected_patches: int | None, image_size: int | None,
+                         dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """The model ``--checkpoint`` or ``--original``/``--base`` names (one of them must be given).
+
+    ``mode``, ``num_selected_patches`` and ``image_size`` apply to an ``--original`` checkpoint only, which does
+    not record them; each command fills them from its own options.
+    """
+    if args.checkpoint is not None:
+        return load_checkpoint_model(args.checkpoint, device, dtype)
+    if not args.base:
+        raise SystemExit("--original needs --base (the base model the checkpoint was trained from)")
+    return load_original_model(args.original, args.base, mode=mode, num_selected_patches=num_selected_patches,
+                               image_size=image_size, device=device, dtype=dtype)
 
 
 def _pad_token_id(tokenizer) -> int:
