@@ -57,18 +57,38 @@ def test_latent_variants_answer_with_latent_steps_and_the_baselines_without(quic
                                                            else demo.QUICK.num_selected_patches)
 
 
-def test_runs_continue_from_the_shared_stage0_checkpoint(quick_report):
+def run_config(out, name: str) -> dict:
+    return yaml.safe_load((out / "runs" / name / "config.yaml").read_text())
+
+
+def test_runs_continue_from_the_shared_pretraining_and_stage0_checkpoints(quick_report):
     out, report = quick_report
-    stage0 = yaml.safe_load((out / "runs" / demo.STAGE0_RUN / "config.yaml").read_text())
+    pretrain = run_config(out, demo.PRETRAIN_RUN)
+    assert pretrain["mode"] == "cot" and pretrain["num_epochs"] == demo.QUICK.pretrain_epochs
+    assert pretrain["load_model_path"] is None and "/data/reading/" in pretrain["dataset"]["data_files"]["train"]
+    stage0 = run_config(out, demo.STAGE0_RUN)
     assert stage0["mode"] == "cot" and stage0["num_epochs"] == demo.QUICK.stage0_epochs
+    assert "/data/reasoning/" in stage0["dataset"]["data_files"]["train"]
+    assert f"/runs/{demo.PRETRAIN_RUN}/checkpoints/" in stage0["load_model_path"]
     for variant in ("cot", *demo.LATENT_VARIANTS):
         config = yaml.safe_load((out / "runs" / variant / "config.yaml").read_text())
         assert f"/runs/{demo.STAGE0_RUN}/checkpoints/" in config["load_model_path"]
         assert config["resume"] == demo.QUICK.epochs_per_stage and config["mode"] == variant
         metrics = [json.loads(line) for line in (out / "runs" / variant / "metrics.jsonl").read_text().splitlines()]
         assert sorted({m["stage"] for m in metrics}) == list(range(1, demo.QUICK.max_latent_stage + 1))
-    nocot = yaml.safe_load((out / "runs" / "nocot" / "config.yaml").read_text())
-    assert nocot["load_model_path"] is None and nocot["num_epochs"] == demo.QUICK.total_epochs
+    nocot = run_config(out, "nocot")
+    assert f"/runs/{demo.PRETRAIN_RUN}/checkpoints/" in nocot["load_model_path"]
+    assert nocot["num_epochs"] == demo.QUICK.total_epochs and nocot["resume"] == 0
+
+
+def test_report_gives_the_reading_accuracy_of_the_pretrained_model(quick_report):
+    out, report = quick_report
+    records = [json.loads(line) for line in
+               (out / "eval" / demo.PRETRAIN_RUN / "predictions_validation.jsonl").read_text().splitlines() if line]
+    assert len(records) == demo.QUICK.n_val and all(r["topic"] == "read_cell" for r in records)
+    expected = sum(r["correct"] for r in records) / len(records)
+    assert report["pretraining"]["reading_validation_accuracy"] == pytest.approx(expected)
+    assert report["pretraining"]["train_seconds"] > 0
 
 
 def test_markdown_table_matches_the_json(quick_report):

@@ -12,8 +12,8 @@ from sklearn.datasets import load_digits
 
 from ivtlr.demo_data import (
     KINDS,
-    LETTERS,
     PALETTE,
+    READ_CELL,
     SPLITS,
     build_digit_reasoning,
     compose_digit_puzzles,
@@ -25,6 +25,7 @@ M3COT_FIELDS = {
     "domain", "topic",
 }
 SMALL = dict(n_train=24, n_val=6, n_test=12)
+LETTERS = ("A", "B", "C", "D")
 
 
 @pytest.fixture(scope="module")
@@ -207,3 +208,32 @@ def test_parquet_round_trip_keeps_fields_and_pixels(tmp_path):
 def test_rejects_settings_that_break_the_design(bad):
     with pytest.raises(ValueError):
         build_digit_reasoning(**{**SMALL, **bad})
+
+
+def test_reading_questions_offer_all_ten_digits_and_answer_with_the_named_cell(sklearn_digits):
+    """The pre-training kind: one named cell, every digit an option (no guessing among four), a one-step rationale."""
+    rows = build_digit_reasoning(seed=5, n_train=40, n_val=1, n_test=1, kinds=(READ_CELL,))["train"]
+    puzzles = compose_digit_puzzles(seed=5, n_train=40, n_val=1, n_test=1, kinds=(READ_CELL,))["train"]
+    for row, puzzle in zip(rows, puzzles):
+        cell = puzzle.asked_cells[0]
+        colour, digit = puzzle.colours[cell], int(sklearn_digits.target[puzzle.scan_indices[cell]])
+        assert row["question"] == f"Which digit is in the {colour} cell?" and row["topic"] == READ_CELL
+        assert row["choices"] == [str(d) for d in range(10)]
+        assert row["answer"] == "ABCDEFGHIJ"[digit]
+        assert split_steps(row["rationale"]) == [f"The {colour} cell shows {digit}."]
+
+
+def test_all_digit_options_lists_the_ten_digits_in_order_for_numeric_kinds():
+    puzzles = compose_digit_puzzles(seed=6, n_train=300, n_val=1, n_test=1, all_digit_options=True)["train"]
+    assert {p.kind for p in puzzles} == set(KINDS)
+    for puzzle in puzzles:
+        a, b = (puzzle.digits[c] for c in puzzle.asked_cells)
+        if puzzle.kind == "parity_and_order":
+            assert len(puzzle.choices) == 4
+            continue
+        assert puzzle.choices == tuple(str(d) for d in range(10))
+        assert puzzle.answer_index == expected_answer_digit(puzzle.kind, a, b)
+
+
+def expected_answer_digit(kind: str, a: int, b: int) -> int:
+    return (a + b) % 10 if kind == "sum_last_digit" else (a - b) % 10

@@ -22,6 +22,13 @@ Design choices:
   cell's digit tells the answer: reading both named cells is required.
 - Train / validation / test draw their scans from disjoint parts of the 1797 scans (a seeded permutation),
   so evaluation measures reading unseen handwriting.
+- A one-step kind, ``READ_CELL`` ("Which digit is in the red cell?", all ten digits as options), is not a
+  reasoning question: it is the demo's visual pre-training, so that every method compared starts from a model
+  that can find and read a cell, as a pretrained VLM can.
+- Options: four by default (the answer and three distractors, shuffled). A model trained from scratch must then
+  also learn to look its result up among the options, and with digits as options it first settles for guessing
+  among the offered ones, a local optimum it takes longer than the demo's budget to leave. ``all_digit_options``
+  (always on for ``READ_CELL``) offers the ten digits in order instead, so the letter follows from the result.
 
 Rows follow the M3CoT schema (DESIGN.md §1.5); ``topic`` names the question kind, ``domain`` its family.
 """
@@ -40,12 +47,14 @@ from datasets import Image as ImageFeature
 from datasets import Sequence as SequenceFeature
 from PIL import Image
 
+from .data.example import option_letter
+
 logger = logging.getLogger(__name__)
 
 MERGED_PATCH_PX = 28  # Qwen2-VL: patch 14 x spatial merge 2
 SCAN_PX = 8
 MAX_INK = 16.0
-LETTERS = ("A", "B", "C", "D")
+N_OPTIONS = 4  # options of a reasoning question
 SPLITS = ("train", "validation", "test")
 
 # Named cell colours, bright enough for black ink to stand out; a grid uses the first grid*grid of them.
@@ -64,8 +73,13 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 SUM_LAST_DIGIT = "sum_last_digit"
 DIFFERENCE_MOD_10 = "difference_mod_10"
 PARITY_AND_ORDER = "parity_and_order"
-KINDS = (SUM_LAST_DIGIT, DIFFERENCE_MOD_10, PARITY_AND_ORDER)
-DOMAIN_OF_KIND = {SUM_LAST_DIGIT: "arithmetic", DIFFERENCE_MOD_10: "arithmetic", PARITY_AND_ORDER: "logic"}
+#: One step, not a reasoning question: read the digit of one named cell. It is the demo's visual pre-training task
+#: (a tiny model trained from scratch must first learn to find and read a cell, as a real VLM already can).
+READ_CELL = "read_cell"
+KINDS = (SUM_LAST_DIGIT, DIFFERENCE_MOD_10, PARITY_AND_ORDER)  # the reasoning kinds
+NUMERIC_KINDS = (SUM_LAST_DIGIT, DIFFERENCE_MOD_10, READ_CELL)  # answers are digits
+DOMAIN_OF_KIND = {SUM_LAST_DIGIT: "arithmetic", DIFFERENCE_MOD_10: "arithmetic", PARITY_AND_ORDER: "logic",
+                  READ_CELL: "reading"}
 
 # Each question names the cells in the order the rationale reads them, a colour standing for its cell's digit.
 # The wording is terse on purpose: a tiny model trained from scratch learns to look up the named cell far sooner when
@@ -74,6 +88,7 @@ QUESTION_OF_KIND = {
     SUM_LAST_DIGIT: "What is the last digit of {first} + {second}?",
     DIFFERENCE_MOD_10: "What is {first} - {second}, modulo 10?",
     PARITY_AND_ORDER: "Is {first} + {second} odd or even, and which is larger?",
+    READ_CELL: "Which digit is in the {first} cell?",
 }
 
 
@@ -136,6 +151,8 @@ def _answer_pool(kind: str, first: str, second: str) -> list[str]:
 
 
 def _correct_answer(kind: str, a: int, b: int, first: str, second: str) -> str:
+    if kind == READ_CELL:
+        return str(a)
     if kind == SUM_LAST_DIGIT:
         return str((a + b) % 10)
     if kind == DIFFERENCE_MOD_10:
@@ -146,6 +163,8 @@ def _correct_answer(kind: str, a: int, b: int, first: str, second: str) -> str:
 
 def _rationale(kind: str, a: int, b: int, first: str, second: str) -> str:
     """Three sentences joined by ". " so DESIGN §1.2's splitter yields three steps: read, read, combine."""
+    if kind == READ_CELL:
+        return f"The {first} cell shows {a}."
     reads = f"The {first} cell shows {a}. The {second} cell shows {b}. "
     if kind == SUM_LAST_DIGIT:
         return reads + f"{a} plus {b} equals {a + b}, so the last digit of the sum of the two digits is {(a + b) % 10}."
@@ -164,6 +183,7 @@ def _compose_puzzle(
     labels: np.ndarray,
     grid: int,
     kinds: Sequence[str],
+    all_digit_options: bool,
 ) -> DigitPuzzle:
     """Draw one question: scans from this split's pool, shuffled colours, two named cells, balanced options."""
     n_cells = grid * grid
@@ -177,10 +197,15 @@ def _compose_puzzle(
     digits = tuple(int(labels[s]) for s in scans)
     first, second = colours[first_cell], colours[second_cell]
     correct = _correct_answer(kind, digits[first_cell], digits[second_cell], first, second)
-    others = [option for option in _answer_pool(kind, first, second) if option != correct]
-    distractors = rng.choice(others, size=len(LETTERS) - 1, replace=False).tolist()
-    choices = [correct, *distractors]
-    order = rng.permutation(len(choices))
+    if kind == READ_CELL or (all_digit_options and kind in NUMERIC_KINDS):
+        pool = _answer_pool(kind, first, second)
+        choices = [correct, *(option for option in pool if option != correct)]
+        order = np.asarray([choices.index(option) for option in pool])
+    else:
+        others = [option for option in _answer_pool(kind, first, second) if option != correct]
+        distractors = rng.choice(others, size=N_OPTIONS - 1, replace=False).tolist()
+        choices = [correct, *distractors]
+        order = rng.permutation(len(choices))
     return DigitPuzzle(
         split=split,
         index=index,
@@ -203,16 +228,19 @@ def compose_digit_puzzles(
     grid: int = 2,
     kinds: Sequence[str] = KINDS,
     scan_fractions: Sequence[float] = (0.7, 0.1, 0.2),
+    all_digit_options: bool = False,
 ) -> dict[str, list[DigitPuzzle]]:
     """Choose scans, colours, named cells and options for every split, without drawing anything.
 
     Each split has its own random stream, so changing ``n_train`` leaves validation and test unchanged.
+    ``all_digit_options`` offers the ten digits, in order, as the options of the numeric kinds instead of four drawn
+    ones (``READ_CELL`` always does).
     """
     if not 2 <= grid * grid <= len(PALETTE):
         raise ValueError(f"grid must give between 2 and {len(PALETTE)} cells, got {grid}x{grid}")
-    unknown = set(kinds) - set(KINDS)
+    unknown = set(kinds) - {*KINDS, READ_CELL}
     if not kinds or unknown:
-        raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {kinds}")
+        raise ValueError(f"kinds must be a non-empty subset of {(*KINDS, READ_CELL)}, got {kinds}")
     scans = load_digit_scans()
     pools = partition_scans(len(scans.labels), seed, scan_fractions)
     sizes = dict(zip(SPLITS, (n_train, n_val, n_test)))
@@ -220,7 +248,8 @@ def compose_digit_puzzles(
     for split_number, split in enumerate(SPLITS):
         rng = np.random.default_rng((seed, split_number))
         puzzles[split] = [
-            _compose_puzzle(rng, split, i, pools[split], scans.labels, grid, kinds) for i in range(sizes[split])
+            _compose_puzzle(rng, split, i, pools[split], scans.labels, grid, kinds, all_digit_options)
+            for i in range(sizes[split])
         ]
         logger.info("digit reasoning %s: %d questions from %d scans", split, sizes[split], len(pools[split]))
     return puzzles
@@ -257,7 +286,7 @@ def puzzle_to_row(puzzle: DigitPuzzle, image: Image.Image) -> dict:
         "question": QUESTION_OF_KIND[puzzle.kind].format(first=first, second=second),
         "choices": list(puzzle.choices),
         "context": "",
-        "answer": LETTERS[puzzle.answer_index],
+        "answer": option_letter(puzzle.answer_index),
         "rationale": _rationale(puzzle.kind, a, b, first, second),
         "split": puzzle.split,
         "image": image,
@@ -275,9 +304,10 @@ def build_digit_reasoning(
     cell_px: int = MERGED_PATCH_PX,
     kinds: Sequence[str] = KINDS,
     scan_fractions: Sequence[float] = (0.7, 0.1, 0.2),
+    all_digit_options: bool = False,
 ) -> dict[str, list[dict]]:
     """The dataset as M3CoT-schema rows per split, images as PIL; row i is puzzle i of `compose_digit_puzzles`."""
-    puzzles = compose_digit_puzzles(seed, n_train, n_val, n_test, grid, kinds, scan_fractions)
+    puzzles = compose_digit_puzzles(seed, n_train, n_val, n_test, grid, kinds, scan_fractions, all_digit_options)
     scans = load_digit_scans()
     return {
         split: [puzzle_to_row(p, render_puzzle(p, scans, cell_px)) for p in split_puzzles]
