@@ -88,9 +88,11 @@ class Trainer:
             ended = [d for d in checkpoint_dirs(self.checkpoint_root)
                      if (meta := read_meta(d)).epoch == config.resume and meta.batch == 0]
             if not ended:
-                logger.warning("resume=%d: no checkpoint of the end of epoch %d in %s; epoch %d starts from %s",
-                               config.resume, config.resume - 1, self.checkpoint_root, config.resume,
-                               config.load_model_path or config.model)
+                # With load_model_path this is the documented way to continue another run's checkpoint at epoch E;
+                # without it, training a later stage from the bare base model is more likely a mistake.
+                log = logger.info if config.load_model_path else logger.warning
+                log("resume=%d: no checkpoint of the end of epoch %d in %s; epoch %d starts from %s", config.resume,
+                    config.resume - 1, self.checkpoint_root, config.resume, config.load_model_path or config.model)
             return ended[-1] if ended else None
         return latest_checkpoint(self.checkpoint_root)
 
@@ -172,7 +174,10 @@ class _Run:
         config, progress, curriculum = self.config, self.progress, self.trainer.curriculum
         accumulation = config.gradient_accumulation_steps
         steps_per_epoch = math.ceil(len(self._batches(0)) / accumulation)
-        bar = tqdm(total=steps_per_epoch * config.num_epochs, initial=progress.step, desc=config.name,
+        # Only the steps this run will take: a continuation (resume=E without a checkpoint) starts at step 0.
+        steps_left = (steps_per_epoch * max(config.num_epochs - progress.epoch, 0)
+                      - math.ceil(progress.batch / accumulation))
+        bar = tqdm(total=progress.step + steps_left, initial=progress.step, desc=config.name,
                    disable=not self.acc.is_local_main_process, dynamic_ncols=True)
         first_step, start_time, samples = progress.step, time.perf_counter(), 0
         if progress.epoch >= config.num_epochs:
