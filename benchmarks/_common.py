@@ -231,6 +231,18 @@ def write_json(path: str | Path, payload: dict) -> Path:
     return path
 
 
+def report(benchmark: str, table: str, verdicts: Sequence[Target], out: str | Path, *, machine: dict, config: dict,
+           results: dict) -> dict:
+    """Log the table and the target verdicts, write the JSON record every benchmark writes, and return it."""
+    logger.info("\n%s", table)
+    for target in verdicts:
+        logger.info(target.describe())
+    payload = {"benchmark": benchmark, "machine": machine, "config": config, "results": results,
+               "targets": [t.as_dict() for t in verdicts]}
+    write_json(out, payload)
+    return payload
+
+
 def benchmark_parser(description: str, default_out: Path, *, warmup: int, unit: str) -> argparse.ArgumentParser:
     """The options every benchmark script takes (each adds its own)."""
     parser = argparse.ArgumentParser(description=description)

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from _common import bench_setup, benchmark_parser, Measurement, Target, format_table, load_average, machine_info, measure_all, write_json
+from _common import (Measurement, Target, bench_setup, benchmark_parser, format_table, load_average, machine_info,
+                     measure_all, report)
 from ivtlr import IVTLR
 from ivtlr.tiny import TinyBundle, make_test_image
 
@@ -184,23 +185,14 @@ def main(argv: list[str] | None = None) -> dict:
         drop_gradients()
         losses[name] = step()
     results = measure_all(steps, device, args.warmup, args.repeats, prepare=drop_gradients)
-    verdicts = targets(results)
-    logger.info("\n%s", results_table(results))
-    for target in verdicts:
-        logger.info(target.describe())
-    payload = {
-        "benchmark": "engine_training_step",
-        "machine": {**machine, "load_average_1min_after": load_average()},
-        "config": {**asdict(config), "dtype": args.dtype, "latent_grad": args.latent_grad, "quick": args.quick,
-                   "repeats": args.repeats, "warmup": args.warmup, "prompt_length": batches.prompt_length,
-                   "image_tokens": batches.image_tokens, "input_length": batches.latent["input_ids"].shape[1],
-                   "final_length": final_length},
-        "results": {name: {**m.as_dict(), "loss": losses[name]} for name, m in results.items()},
-        "targets": [t.as_dict() for t in verdicts],
-    }
-    write_json(args.out, payload)
-    return payload
-
+    return report(
+        "engine_training_step", results_table(results), targets(results), args.out,
+        machine={**machine, "load_average_1min_after": load_average()},
+        config={**asdict(config), "dtype": args.dtype, "latent_grad": args.latent_grad, "quick": args.quick,
+                "repeats": args.repeats, "warmup": args.warmup, "prompt_length": batches.prompt_length,
+                "image_tokens": batches.image_tokens, "input_length": batches.latent["input_ids"].shape[1],
+                "final_length": final_length},
+        results={name: {**m.as_dict(), "loss": losses[name]} for name, m in results.items()})
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from _common import bench_setup, benchmark_parser, Target, format_table, machine_info, time_interleaved, write_json
+from _common import Target, bench_setup, benchmark_parser, format_table, machine_info, report, time_interleaved
 from ivtlr import IVTLR
 from ivtlr.tiny import TinyBundle, make_test_image
 
@@ -213,21 +213,12 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("prompt %d tokens, %d latents x (K=%d + 1) rows, answers of %d tokens (CoT %d); %s %s, %d threads",
                 prompt_length, config.num_latents, config.num_selected_patches, config.answer_tokens,
                 config.cot_tokens, device, args.dtype, torch.get_num_threads())
-    verdicts = targets(results, config.batch_size)
-    logger.info("\n%s", results_table(results))
-    for target in verdicts:
-        logger.info(target.describe())
-    payload = {
-        "benchmark": "inference",
-        "machine": machine_info(device),
-        "config": {**asdict(config), "dtype": args.dtype, "repeats": args.repeats, "warmup": args.warmup,
-                   "quick": args.quick, "prompt_length": prompt_length},
-        "results": {name: r.as_dict() for name, r in results.items()},
-        "targets": [t.as_dict() for t in verdicts],
-    }
-    write_json(args.out, payload)
-    return payload
-
+    return report(
+        "inference", results_table(results), targets(results, config.batch_size), args.out,
+        machine=machine_info(device),
+        config={**asdict(config), "dtype": args.dtype, "repeats": args.repeats, "warmup": args.warmup,
+                "quick": args.quick, "prompt_length": prompt_length},
+        results={name: r.as_dict() for name, r in results.items()})
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)

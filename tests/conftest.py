@@ -1,7 +1,27 @@
+import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def run_quick_benchmark(tmp_path):
+    """Runs a benchmark script's ``main`` at ``--quick`` sizes on one CPU thread (on a shared 2-core machine, threads
+    waiting for each other make tiny steps slow) and returns the JSON it wrote, checked equal to what ``main``
+    returned. Restores torch's thread count afterwards, since ``--threads`` sets it process-wide."""
+    threads = torch.get_num_threads()
+
+    def run(module) -> dict:
+        out = tmp_path / f"{module.__name__}.json"
+        returned = module.main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(out)])
+        written = json.loads(out.read_text())
+        assert written == json.loads(json.dumps(returned))
+        return written
+
+    yield run
+    torch.set_num_threads(threads)

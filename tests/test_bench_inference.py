@@ -1,7 +1,6 @@
 """The inference benchmark runs end to end at tiny sizes, and its original-style path generates the engine's ids."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -31,18 +30,8 @@ def test_original_style_generation_gives_the_engines_ids():
     assert torch.equal(ours, original)
 
 
-@pytest.fixture
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_quick_run_times_every_variant(tmp_path, restore_threads):
-    out = tmp_path / "inference.json"
-    returned = bench_inference.main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(out)])
-    written = json.loads(out.read_text())
-    assert written == json.loads(json.dumps(returned))
+def test_quick_run_times_every_variant(run_quick_benchmark):
+    written = run_quick_benchmark(bench_inference)
     config = written["config"]
     batch = config["batch_size"]
     results = written["results"]

@@ -1,7 +1,6 @@
 """The training-step benchmark runs end to end at tiny sizes, and its memory measurement is exact."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -30,19 +29,8 @@ def test_cpu_peak_follows_the_calls_own_allocations_and_frees():
     assert cpu_peak_bytes(allocate_and_free) == 3_000_000 * FLOAT32
 
 
-@pytest.fixture
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_quick_run_measures_all_three_variants(tmp_path, restore_threads):
-    out = tmp_path / "engine.json"
-    # One thread: on a shared 2-core machine, threads waiting for each other make tiny steps slow.
-    returned = bench_engine.main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(out)])
-    written = json.loads(out.read_text())
-    assert written == json.loads(json.dumps(returned))
+def test_quick_run_measures_all_three_variants(run_quick_benchmark):
+    written = run_quick_benchmark(bench_engine)
 
     results = written["results"]
     assert set(results) == set(bench_engine.VARIANTS)
