@@ -285,20 +285,23 @@ def train_run(config: Config) -> Path:
     return result.checkpoint
 
 
-def evaluate_checkpoint(checkpoint: Path, data_files: dict[str, str], split: str, out_dir: Path,
-                        recipe: DemoRecipe) -> dict:
-    """``ivtlr eval`` of one checkpoint on one split: predictions JSONL and the summary, as the harness writes them."""
+def evaluate_checkpoint(checkpoint: Path, data_files: dict[str, str], splits: Sequence[str], out_dir: Path,
+                        recipe: DemoRecipe) -> dict[str, dict]:
+    """``ivtlr eval`` of one checkpoint on each split (the model loaded once): predictions JSONL and the summary per
+    split, as the harness writes them; returns the summaries by split."""
     model = load_checkpoint_model(checkpoint, torch.device("cpu"))
-    examples = load_examples("m3cot", split, data_files=data_files)
     settings = GenerationSettings(n_latent=model.n_latent(None), max_new_tokens=recipe.max_new_tokens,
                                   image_size=model.image_size)
-    records = evaluate(model, examples, out_dir / f"predictions_{split}.jsonl", settings,
-                       batch_size=recipe.eval_batch_size)
-    run_info = {"checkpoint": str(checkpoint), "mode": model.mode, "split": split, "n_latent": settings.n_latent,
-                "num_selected_patches": model.engine.num_selected_patches}
-    summary = evaluation_summary(records, ("domain", "topic"), run_info)
-    (out_dir / f"summary_{split}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    summaries = {}
+    for split in splits:
+        examples = load_examples("m3cot", split, data_files=data_files)
+        records = evaluate(model, examples, out_dir / f"predictions_{split}.jsonl", settings,
+                           batch_size=recipe.eval_batch_size)
+        run_info = {"checkpoint": str(checkpoint), "mode": model.mode, "split": split, "n_latent": settings.n_latent,
+                    "num_selected_patches": model.engine.num_selected_patches}
+        summaries[split] = evaluation_summary(records, ("domain", "topic"), run_info)
+        (out_dir / f"summary_{split}.json").write_text(json.dumps(summaries[split], indent=2) + "\n")
+    return summaries
 
 
 #: Outline colours of latent steps 1, 2, 3 that no digit cell has (the cells are red, green, blue, yellow).
@@ -471,12 +474,12 @@ def run_demo(recipe: DemoRecipe, out: Path, *, seed: int = 0, quick: bool = Fals
         eta.advance(planned.cost, f"training {planned.label}")
         curves[planned.label] = read_loss_curve(config.run_dir, planned.first_epoch, config.resume)
         if name == PRETRAIN_RUN:
-            reading = evaluate_checkpoint(checkpoints[name], data.reading, "validation", out / "eval" / name, recipe)
+            reading = evaluate_checkpoint(checkpoints[name], data.reading, ["validation"], out / "eval" / name,
+                                          recipe)["validation"]
             eta.advance(_EVAL_COST, "evaluating the reading of the pre-trained model")
         elif name in VARIANTS:
             eval_dir = out / "eval" / name
-            summaries = {split: evaluate_checkpoint(checkpoints[name], data.reasoning, split, eval_dir, recipe)
-                         for split in ("validation", "test")}
+            summaries = evaluate_checkpoint(checkpoints[name], data.reasoning, ["validation", "test"], eval_dir, recipe)
             rows[name] = variant_row(summaries["test"], summaries["validation"], train_seconds[name])
             eta.advance(_EVAL_COST, f"evaluating {planned.label}")
 
