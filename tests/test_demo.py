@@ -10,8 +10,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from ivtlr import demo
+from ivtlr import demo, demo_report
 from ivtlr.cli import main
+from ivtlr.demo_data import compose_digit_puzzles
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -30,7 +31,7 @@ def predictions(out, variant: str, split: str) -> list[dict]:
 
 def test_report_has_every_variant_with_its_numbers(quick_report):
     out, report = quick_report
-    assert list(report["variants"]) == list(demo.VARIANTS)
+    assert list(report["variants"]) == list(demo_report.VARIANTS)
     assert report["quick"] is True and report["recipe"] == json.loads(json.dumps(asdict(demo.QUICK)))
     for variant, row in report["variants"].items():
         test = predictions(out, variant, "test")
@@ -43,15 +44,45 @@ def test_report_has_every_variant_with_its_numbers(quick_report):
         assert row["seconds_per_question"] == pytest.approx(sum(r["seconds"] for r in test) / len(test))
         assert 1 <= row["ar_steps"] <= demo.QUICK.max_new_tokens and row["seconds_per_question"] > 0
         assert row["train_seconds"] > 0
-    assert set(report["targets"]) == {"ivtlr_accuracy_at_least_cot", "ivtlr_accuracy_at_least_nocot_plus_10_points",
-                                      "ivtlr_ar_steps_at_most_a_fifth_of_cot"}
+        correct = sum(r["correct"] for r in test)
+        assert row["accuracy_ci95"] == pytest.approx(list(demo_report.wilson_interval(correct, len(test))))
+        assert row["accuracy_ci95"][0] <= row["accuracy"] <= row["accuracy_ci95"][1]
+    assert set(report["targets"]) == {"ivtlr_accuracy_at_least_cot_minus_1_point",
+                                      "ivtlr_accuracy_at_least_nocot_plus_20_points", "ivtlr_above_latent_text_only",
+                                      "ivtlr_above_latent_vision_only", "ivtlr_ar_steps_at_most_a_quarter_of_cot"}
+    assert report["workers"] == 2 and report["cpu"]
+
+
+def test_right_cell_rates_are_recounted_from_the_predictions_and_the_puzzles(quick_report):
+    """Per latent step, the share of inserted patches inside the cell the written step reads: recounted here from the
+    harness's records and the puzzles' own paths (2x2 cells of 2x2 tokens on a 4x4 token grid)."""
+    out, report = quick_report
+    recipe = demo.QUICK
+    puzzles = compose_digit_puzzles(seed=0, n_train=recipe.n_train, n_val=recipe.n_val, n_test=recipe.n_test)
+    path_of = {p.uid: p.path for p in puzzles["test"]}
+    for variant in ("latent_vision_only", "ivtlr"):
+        records = predictions(out, variant, "test")
+        looks = report["variants"][variant]["looked_at_right_cell"]
+        assert [look["step"] for look in looks] == [1, 2, 3]
+        for look in looks:
+            shares = []
+            for record in records:
+                indices = record["selected"][look["step"] - 1]
+                assert len(indices) == recipe.num_selected_patches
+                cells = [(i // 4 // 2) * 2 + (i % 4) // 2 for i in indices]
+                shares.append(sum(cell == path_of[record["id"]][look["step"] - 1] for cell in cells) / len(cells))
+            assert look["rate"] == pytest.approx(sum(shares) / len(shares))
+    # Chance for step 1 is 4 patches of 16; later steps draw from the patches left.
+    assert report["variants"]["ivtlr"]["looked_at_right_cell"][0]["chance"] == pytest.approx(0.25)
+    assert report["variants"]["latent_text_only"]["looked_at_right_cell"] == []
+    assert report["variants"]["cot"]["looked_at_right_cell"] == []
 
 
 def test_latent_variants_answer_with_latent_steps_and_the_baselines_without(quick_report):
     out, report = quick_report
-    for variant in demo.VARIANTS:
+    for variant in demo_report.VARIANTS:
         summary = json.loads((out / "eval" / variant / "summary_test.json").read_text())
-        expected = demo.QUICK.max_latent_stage if variant in demo.LATENT_VARIANTS else 0
+        expected = demo.QUICK.max_latent_stage if variant in demo_report.LATENT_VARIANTS else 0
         assert summary["run"]["n_latent"] == expected
         assert summary["run"]["num_selected_patches"] == (0 if variant == "latent_text_only"
                                                            else demo.QUICK.num_selected_patches)
@@ -70,7 +101,7 @@ def test_runs_continue_from_the_shared_pretraining_and_stage0_checkpoints(quick_
     assert stage0["mode"] == "cot" and stage0["num_epochs"] == demo.QUICK.stage0_epochs
     assert "/data/reasoning/" in stage0["dataset"]["data_files"]["train"]
     assert f"/runs/{demo.PRETRAIN_RUN}/checkpoints/" in stage0["load_model_path"]
-    for variant in ("cot", *demo.LATENT_VARIANTS):
+    for variant in ("cot", *demo_report.LATENT_VARIANTS):
         config = yaml.safe_load((out / "runs" / variant / "config.yaml").read_text())
         assert f"/runs/{demo.STAGE0_RUN}/checkpoints/" in config["load_model_path"]
         assert config["resume"] == demo.QUICK.epochs_per_stage and config["mode"] == variant
@@ -95,12 +126,14 @@ def test_markdown_table_matches_the_json(quick_report):
     out, report = quick_report
     markdown = (out / "report.md").read_text()
     rows = [line for line in markdown.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
-    assert len(rows) == len(demo.VARIANTS)
+    assert len(rows) == len(demo_report.VARIANTS)
     for line, (variant, row) in zip(rows, report["variants"].items()):
         cells = [cell.strip() for cell in line.strip("|").split("|")]
-        assert cells[0] == demo.VARIANT_LABELS[variant]
-        assert float(cells[1]) == pytest.approx(100 * row["accuracy"], abs=0.05)
-        assert float(cells[3]) == pytest.approx(row["ar_steps"], abs=0.05)
+        assert cells[0] == demo_report.VARIANT_LABELS[variant]
+        assert float(cells[1]) == pytest.approx(100 * row["accuracy"], abs=0.051)
+        assert float(cells[4]) == pytest.approx(row["ar_steps"], abs=0.051)
+        looks = row["looked_at_right_cell"]
+        assert cells[6] == (" / ".join(f"{s['step']}: {100 * s['rate']:.0f}" for s in looks) if looks else "-")
     for picture in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown):
         assert (out / picture).is_file()
 
@@ -119,21 +152,53 @@ def test_pictures_are_real_pngs(quick_report):
 def test_loss_curve_places_each_step_in_the_whole_schedule(tmp_path):
     lines = [{"step": s, "epoch": e, "loss": float(s)} for s, e in [(1, 2), (2, 2), (3, 3), (4, 3)]]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    xs, ys = demo.read_loss_curve(tmp_path, first_epoch=5, resume_epoch=2)
+    xs, ys = demo_report.read_loss_curve(tmp_path / "metrics.jsonl", first_epoch=5, resume_epoch=2)
     assert xs == [5.5, 6.0, 6.5, 7.0] and ys == [1.0, 2.0, 3.0, 4.0]
 
 
+def _rows(ivtlr: dict) -> dict:
+    return {"ivtlr": ivtlr, "cot": dict(accuracy=0.60, ar_steps=40.0), "nocot": dict(accuracy=0.38, ar_steps=7.0),
+            "latent_text_only": dict(accuracy=0.55), "latent_vision_only": dict(accuracy=0.58)}
+
+
 @pytest.mark.parametrize(("ivtlr", "expected"), [
-    (dict(accuracy=0.60, ar_steps=8.0), [True, True, True]),
-    (dict(accuracy=0.59, ar_steps=8.0), [False, True, True]),
-    (dict(accuracy=0.60, ar_steps=8.1), [True, True, False]),
-    (dict(accuracy=0.49, ar_steps=8.0), [False, False, True]),
+    (dict(accuracy=0.59, ar_steps=10.0), [True, True, True, True, True]),
+    (dict(accuracy=0.589, ar_steps=10.0), [False, True, True, True, True]),
+    (dict(accuracy=0.59, ar_steps=10.1), [True, True, True, True, False]),
+    (dict(accuracy=0.57, ar_steps=8.0), [False, False, True, False, True]),
+    (dict(accuracy=0.55, ar_steps=8.0), [False, False, False, False, True]),
 ])
 def test_target_checks(ivtlr, expected):
-    rows = {"ivtlr": ivtlr, "cot": dict(accuracy=0.60, ar_steps=40.0), "nocot": dict(accuracy=0.40, ar_steps=7.0)}
-    assert list(demo.target_checks(rows).values()) == expected
+    assert list(demo_report.target_checks(_rows(ivtlr)).values()) == expected
+
+
+def test_wilson_interval_matches_hand_computed_values():
+    # 50 of 100: p=0.5, z=1.96: centre 0.5, half-width 1.96*sqrt(0.0025+0.000096)/1.0384 = 0.0962.
+    low, high = demo_report.wilson_interval(50, 100)
+    assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
+    assert demo_report.wilson_interval(0, 10)[0] == 0.0 and demo_report.wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    assert demo_report.wilson_interval(0, 10)[1] == pytest.approx(0.2775, abs=1e-4)
+
+
+def test_cell_of_token_on_grids_of_one_and_two_tokens_per_cell():
+    assert [demo_report.cell_of_token(t, (2, 2), 2) for t in range(4)] == [0, 1, 2, 3]
+    assert [demo_report.cell_of_token(t, (4, 4), 2) for t in range(16)] == [0, 0, 1, 1, 0, 0, 1, 1,
+                                                                            2, 2, 3, 3, 2, 2, 3, 3]
+
+
+def test_look_rates_count_patches_in_the_right_cell_and_chance_among_those_left():
+    puzzle = compose_digit_puzzles(seed=0, n_train=1, n_val=1, n_test=1)["test"][0]
+    first, second, third = puzzle.path
+    cell_tokens = {cell: [t for t in range(16) if demo_report.cell_of_token(t, (4, 4), 2) == cell] for cell in range(4)}
+    other = next(c for c in range(4) if c not in puzzle.path)
+    record = {"id": puzzle.uid, "selected": [cell_tokens[first], cell_tokens[second][:2] + cell_tokens[other][:2],
+                                             cell_tokens[other][2:] + cell_tokens[third][:2]]}
+    looks = demo_report.look_rates([record], {puzzle.uid: puzzle}, (4, 4))
+    assert [(look["step"], look["rate"]) for look in looks] == [(1, 1.0), (2, 0.5), (3, 0.5)]
+    # Step 2 draws from the 12 patches left (4 of them in its cell), step 3 from the 8 left (4 of them in its cell).
+    assert [look["chance"] for look in looks] == pytest.approx([4 / 16, 4 / 12, 4 / 8])
 
 
 def test_running_mean():
-    assert demo.running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
-    assert demo.running_mean([2.0, 4.0], 1) == [2.0, 4.0]
+    assert demo_report.running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert demo_report.running_mean([2.0, 4.0], 1) == [2.0, 4.0]

@@ -128,6 +128,27 @@ def test_legend_has_one_labelled_swatch_per_step_in_order(digit_image):
         assert (label_band.max(axis=-1) < 100).any()
 
 
+def test_step_labels_replace_the_default_names(digit_image):
+    """The legend prints the given labels: their ink is what differs from the default legend, and a longer label
+    takes more width after its swatch."""
+    default = np.asarray(render_selection(digit_image, GRID_HW, [[0], [1]], scale=AUTO_SCALE))
+    labelled = np.asarray(render_selection(digit_image, GRID_HW, [[0], [1]], scale=AUTO_SCALE,
+                                           step_labels=["step 1: reads red (7)", "step 2: reads the blue cell (3)"]))
+    picture_rows = HEIGHT * AUTO_SCALE
+    assert (labelled[:picture_rows, :WIDTH * AUTO_SCALE] == default[:picture_rows, :WIDTH * AUTO_SCALE]).all()
+
+    def first_label_width(canvas: np.ndarray) -> int:
+        legend = canvas[picture_rows:]
+        (y0, _, y1, x1), (second_y0, x0_second, _, _) = swatches(legend, TAB10_NO_GREY[:2])
+        end = x0_second if second_y0 == y0 else legend.shape[1]  # the second entry may wrap to the next line
+        dark = np.flatnonzero((legend[y0:y1, x1:end].max(axis=-1) < 100).any(axis=0))
+        return int(dark.max() - dark.min())
+
+    assert first_label_width(labelled) > first_label_width(default) + 60  # "step 1: reads red (7)" vs "step 1"
+    with pytest.raises(ValueError, match="step_labels"):
+        render_selection(digit_image, GRID_HW, [[0], [1]], step_labels=["only one"])
+
+
 def test_many_steps_get_distinct_non_grey_colours(digit_image):
     steps = [[i] for i in range(12)]
     canvas = np.asarray(render_selection(digit_image, GRID_HW, steps, scale=AUTO_SCALE))

@@ -1,68 +1,65 @@
-"""``ivtlr demo``: IVT-LR and its baselines trained from scratch on the bundled digit puzzles, on a CPU, in minutes.
+"""``ivtlr demo``: IVT-LR and its baselines trained from scratch on bundled handwritten digits, on a CPU, in minutes.
 
-The demo is a user of the package, not a second implementation: it writes the digit data as M3CoT-schema parquet,
-saves a tiny random Qwen2-VL (with a tokenizer fitted to the data) as an ordinary model directory, trains every
-variant with :func:`ivtlr.training.train` from :class:`ivtlr.config.Config` objects, and scores each final checkpoint
-with the evaluation harness.
+The task (``ivtlr.demo_data``): follow two pointers through a grid of digit cells, each cell's digit naming the
+colour of the next cell to read; the answer is the digit reached. Every reasoning step reads the image, and which
+cell it reads depends on what the step before read: the interleaved vision-text reasoning IVT-LR is made for.
 
-Runs build on each other through ``load_model_path`` (and ``resume``), exactly as a user would chain runs:
+The demo is a user of the package, not a second implementation: it writes the data as M3CoT-schema parquet, saves a
+tiny random Qwen2-VL (with a tokenizer fitted to the data) as an ordinary model directory, trains every variant with
+:func:`ivtlr.training.train` from :class:`ivtlr.config.Config` objects, and scores each final checkpoint with the
+evaluation harness. Runs build on each other through ``load_model_path`` (and ``resume``), as a user would chain them:
 
-1. visual pre-training: read the digit in one named cell (the training split's images). The methods compared start
-   from a VLM that can already see; a random tiny model cannot, and learning to find and read a cell inside the
-   reasoning task alone takes longer than the demo's budget. Every variant, No-CoT included, starts from this.
-2. stage 0 of the curriculum (full written rationale) is the same for CoT and for the three latent variants, so it is
-   trained once and every one of them continues from its checkpoint at the first epoch of stage 1.
-3. No-CoT trains from the pre-trained model for as many epochs as stage 0 and the latent stages together.
+1. visual pre-training: read the digit in one named cell. The methods compared start from a VLM that can already see;
+   a random tiny model cannot. Every variant, No-CoT included, starts from it.
+2. stage 0 of the curriculum (the written rationale) is shared by CoT and the three latent variants; each continues
+   from its checkpoint at the first epoch of stage 1. No-CoT trains as many epochs from the pre-trained model.
 
-Nothing is chosen on the test split: the recipe below was fixed on the validation split, and the report gives both.
+Independent runs go to parallel worker processes (one per core by default, one thread each: on small CPUs that beats
+one run on every core), each training and then evaluating its run. Nothing is chosen on the test split: the recipe
+was fixed on the validation split, and the report gives both.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import shutil
+import sys
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from multiprocessing import get_context
+from multiprocessing.pool import AsyncResult
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
+from . import demo_report as report_lib
 from .config import Config, DatasetConfig, EvalConfig
 from .data import load_examples
 from .data.curriculum import format_prompt_text, split_rationale, target_text
-from .demo_data import DIFFERENCE_MOD_10, READ_CELL, SUM_LAST_DIGIT, write_digit_reasoning
+from .data.example import option_letter
+from .demo_data import (DIGIT_CHOICES, FOLLOW_POINTERS, MERGED_PATCH_PX, READ_CELL, DigitPuzzle,
+                        compose_digit_puzzles, write_digit_reasoning)
+from .demo_report import LATENT_VARIANTS, VARIANT_LABELS, VARIANTS
 from .evaluation import GenerationSettings, evaluate, evaluation_summary, load_checkpoint_model
 from .explain import save_selection_png
 from .inference import answer_question
+from .metrics_log import JSONL_FILE
 from .tiny import build_tiny
 
 logger = logging.getLogger(__name__)
 
-#: The report's rows, in the paper's order: baselines, then the two ablations, then the method.
-VARIANTS = ("nocot", "cot", "latent_text_only", "latent_vision_only", "ivtlr")
-VARIANT_LABELS = {
-    "nocot": "No-CoT",
-    "cot": "CoT",
-    "latent_text_only": "latent text only (Coconut, K=0)",
-    "latent_vision_only": "latent vision only",
-    "ivtlr": "IVT-LR",
-}
-LATENT_VARIANTS = ("latent_text_only", "latent_vision_only", "ivtlr")
 PRETRAIN_RUN = "pretrain_reading"
 STAGE0_RUN = "stage0_cot"
-#: Acceptance targets on the test split (the issue's): IVT-LR >= CoT, >= No-CoT + 10 points, <= 1/5 of CoT's AR steps.
-TARGET_MARGIN_OVER_NOCOT = 0.10
-TARGET_AR_FRACTION_OF_COT = 0.2
 
 
 @dataclass(frozen=True)
 class DemoRecipe:
-    """Everything the demo trains with. ``FULL`` holds the settings the validation split favoured within the CPU
-    budget: 2x2-token cells and the 0.02 init read digits faster; ten ordered options and the reading pre-training
-    turned chance-level runs into learning ones; two latent steps (the two reads), because with the third (the
-    arithmetic) latent too every latent variant stayed at chance on validation (README, known limits)."""
+    """Everything the demo trains with; ``FULL`` holds the settings the validation split favoured within the budget."""
 
     # Data: a 2x2 grid of digit scans; 56 px cells are 2x2 merged Qwen2-VL tokens each (16 image tokens).
     n_train: int
@@ -70,8 +67,6 @@ class DemoRecipe:
     n_test: int
     grid: int
     cell_px: int
-    kinds: tuple[str, ...]  # question kinds (``ivtlr.demo_data.KINDS``)
-    all_digit_options: bool  # the ten digits as options, in order (see ``ivtlr.demo_data``), rather than four
     # Model: a tiny Qwen2-VL built from its config; weights re-drawn at the usual 0.02 std (see build_base_model).
     hidden_size: int
     num_layers: int
@@ -81,11 +76,12 @@ class DemoRecipe:
     vocab_size: int
     initializer_range: float
     # Training.
-    n_pretrain: int  # reading questions of the visual pre-training (one per training image)
+    n_pretrain: int  # reading questions of the visual pre-training
+    reading_warmup_share: float  # of them, showing one scan in every cell (see ``compose_digit_puzzles``)
     pretrain_epochs: int
     stage0_epochs: int  # written-rationale epochs shared by CoT and the latent variants
     epochs_per_stage: int  # epochs of each latent stage 1..max_latent_stage (CoT keeps training as long)
-    max_latent_stage: int
+    max_latent_stage: int  # every reasoning step latent in the last stage
     batch_size: int
     lr: float
     warmup_steps: int
@@ -100,42 +96,52 @@ class DemoRecipe:
         return self.grid * self.cell_px
 
     @property
+    def token_grid(self) -> tuple[int, int]:
+        """(rows, cols) of the merged image-token grid, what ``selected`` indices are laid out on."""
+        side = self.image_size // MERGED_PATCH_PX
+        return side, side
+
+    @property
     def total_epochs(self) -> int:
         return self.stage0_epochs + self.epochs_per_stage * self.max_latent_stage
 
 
-FULL = DemoRecipe(n_train=2000, n_val=200, n_test=300, grid=2, cell_px=56,
-                  kinds=(SUM_LAST_DIGIT, DIFFERENCE_MOD_10), all_digit_options=True, hidden_size=128, num_layers=2,
+FULL = DemoRecipe(n_train=2000, n_val=300, n_test=1000, grid=2, cell_px=56, hidden_size=128, num_layers=2,
                   num_heads=4, num_kv_heads=4, intermediate_size=256, vocab_size=600, initializer_range=0.02,
-                  n_pretrain=2000, pretrain_epochs=10, stage0_epochs=6, epochs_per_stage=2, max_latent_stage=2,
-                  batch_size=16, lr=1e-3, warmup_steps=50,
-                  num_selected_patches=4, eval_batch_size=50, max_new_tokens=64, n_explained=4)
+                  n_pretrain=2000, reading_warmup_share=0.5, pretrain_epochs=5, stage0_epochs=4, epochs_per_stage=1, max_latent_stage=3,
+                  batch_size=16, lr=1e-3, warmup_steps=50, num_selected_patches=4, eval_batch_size=100,
+                  max_new_tokens=48, n_explained=4)
 #: A smoke run of the whole pipeline (the test suite's): every variant, one epoch per stage, a handful of questions.
 QUICK = replace(FULL, n_train=16, n_val=8, n_test=8, hidden_size=32, intermediate_size=64, num_heads=2,
                 num_kv_heads=2, vocab_size=400, n_pretrain=16, pretrain_epochs=1, stage0_epochs=1, epochs_per_stage=1,
-                batch_size=8, warmup_steps=0, eval_batch_size=8, max_new_tokens=48, n_explained=2)
+                batch_size=8, warmup_steps=0, eval_batch_size=8, n_explained=2)
 
 
 # ---------------------------------------------------------------------------------------------------- building blocks
 @dataclass(frozen=True)
 class DemoData:
-    """``<split>.parquet`` paths (M3CoT schema) of the reasoning questions and of the reading pre-training ones."""
+    """``<split>.parquet`` paths (M3CoT schema) of the reasoning questions and of the reading pre-training ones, and
+    the reasoning puzzles by id (what each step reads, for the report)."""
 
     reasoning: dict[str, str]
     reading: dict[str, str]
+    puzzles: dict[str, DigitPuzzle]
 
 
 def write_data(recipe: DemoRecipe, directory: Path, seed: int) -> DemoData:
     """The digit puzzles in the M3CoT schema, read back by the ordinary M3CoT loader. Both sets draw their scans from
     the same disjoint split pools, so pre-training never sees a validation or test scan."""
-    common = dict(seed=seed, grid=recipe.grid, cell_px=recipe.cell_px)
-    reasoning = write_digit_reasoning(directory / "reasoning", n_train=recipe.n_train, n_val=recipe.n_val,
-                                      n_test=recipe.n_test, kinds=recipe.kinds,
-                                      all_digit_options=recipe.all_digit_options, **common)
-    reading = write_digit_reasoning(directory / "reading", n_train=recipe.n_pretrain, n_val=recipe.n_val,
-                                    n_test=recipe.n_val, kinds=(READ_CELL,), **common)
+    common = dict(seed=seed, grid=recipe.grid)
+    sizes = dict(n_train=recipe.n_train, n_val=recipe.n_val, n_test=recipe.n_test)
+    reasoning = write_digit_reasoning(directory / "reasoning", cell_px=recipe.cell_px, kind=FOLLOW_POINTERS,
+                                      **sizes, **common)
+    reading = write_digit_reasoning(directory / "reading", cell_px=recipe.cell_px, kind=READ_CELL,
+                                    n_train=recipe.n_pretrain, n_val=recipe.n_val, n_test=1,
+                                    warmup_share=recipe.reading_warmup_share, **common)
+    puzzles = compose_digit_puzzles(kind=FOLLOW_POINTERS, **sizes, **common)
     return DemoData(reasoning={split: str(path) for split, path in reasoning.items()},
-                    reading={split: str(path) for split, path in reading.items()})
+                    reading={split: str(path) for split, path in reading.items()},
+                    puzzles={p.uid: p for split in ("validation", "test") for p in puzzles[split]})
 
 
 def tokenizer_corpus(data: DemoData) -> list[str]:
@@ -149,6 +155,12 @@ def tokenizer_corpus(data: DemoData) -> list[str]:
     return corpus
 
 
+#: The prompt's fixed parts, one token each in the demo's tokenizer: the ten option lines would otherwise take five
+#: byte-level tokens apiece, half of every sequence (and of the CPU time).
+PROMPT_WHOLE_TOKENS = ("[Question]:", "[Options]:\n", "Answer:\n",
+                       *(f"({option_letter(d)}).{choice}\n" for d, choice in enumerate(DIGIT_CHOICES)))
+
+
 def build_base_model(recipe: DemoRecipe, corpus: Sequence[str], directory: Path, seed: int) -> Path:
     """Save a tiny random Qwen2-VL as an ordinary model directory (config, weights, processor) that ``Config.model``
     can name like any checkpoint on disk.
@@ -160,13 +172,14 @@ def build_base_model(recipe: DemoRecipe, corpus: Sequence[str], directory: Path,
     bundle = build_tiny("qwen2_vl", seed=seed, hidden_size=recipe.hidden_size, num_layers=recipe.num_layers,
                         num_heads=recipe.num_heads, num_kv_heads=recipe.num_kv_heads,
                         intermediate_size=recipe.intermediate_size, image_size=recipe.image_size, corpus=corpus,
-                        vocab_size=recipe.vocab_size)
+                        vocab_size=recipe.vocab_size, whole_tokens=PROMPT_WHOLE_TOKENS)
     config = bundle.model.config
     for part in (config, config.text_config, config.vision_config):
         part.initializer_range = recipe.initializer_range
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = type(bundle.model)._from_config(config, attn_implementation="sdpa")
+
     model.generation_config = bundle.model.generation_config
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(directory))
@@ -174,6 +187,10 @@ def build_base_model(recipe: DemoRecipe, corpus: Sequence[str], directory: Path,
     logger.info("tiny Qwen2-VL (%d parameters, %d-token vocabulary) saved to %s",
                 sum(p.numel() for p in model.parameters()), len(bundle.tokenizer), directory)
     return directory
+
+
+#: ``save_every_steps`` so large that a run saves at stage ends only (null would also save every epoch end).
+_ONLY_AT_STAGE_ENDS = 10**9
 
 
 def run_config(recipe: DemoRecipe, *, name: str, mode: str, model_dir: Path, data_files: dict[str, str],
@@ -194,77 +211,82 @@ def run_config(recipe: DemoRecipe, *, name: str, mode: str, model_dir: Path, dat
     return replace(config, **keys)
 
 
-#: ``save_every_steps`` so large that a run saves at stage ends only (null would also save every epoch end).
-_ONLY_AT_STAGE_ENDS = 10**9
+@dataclass(frozen=True)
+class DemoJob:
+    """One training run of the demo and the evaluation of its final checkpoint, run by one worker process."""
+
+    name: str
+    config: Config
+    parent: str | None  # the job whose final checkpoint this one loads (``load_model_path``, set once it exists)
+    first_epoch: int  # where its epochs sit in the whole schedule (epoch 0 = the first reasoning epoch)
+    steps: int  # optimizer steps it takes (for the progress bar)
+    cost: float  # relative CPU cost of its training and evaluation, for the progress bar and the ETA
+    label: str  # what the progress log and the training-curve legend call it
+    eval_data: dict[str, str] = field(default_factory=dict)
+    eval_splits: tuple[str, ...] = ()
+    eval_dir: Path | None = None
+    eval_batch_size: int = 1
+    max_new_tokens: int = 1
 
 
 @dataclass(frozen=True)
-class PlannedRun:
-    """A training run of the demo: its config, the run it starts from, where its epochs sit in the whole schedule
-    (epoch 0 = the first reasoning epoch) and its share of the time."""
+class JobResult:
+    name: str
+    checkpoint: str
+    train_seconds: float
+    eval_seconds: float
+    started: float  # time.time() at the job's start and end, for the phase timings
+    finished: float
+    summaries: dict[str, dict]
 
-    config: Config
-    parent: str | None  # the run whose final checkpoint this one loads (``load_model_path``, set once it exists)
-    first_epoch: int
-    cost: float  # relative CPU cost, for the ETA
-    label: str  # what the ETA and the training-curve legend call it
+
+#: CPU time of one optimizer step relative to a written-rationale one (reading and No-CoT sequences are shorter;
+#: latent steps add passes), as measured in the full recipe; and of answering one question, in the same unit.
+_STEP_COST = {"reading": 0.7, "cot": 1.0, "nocot": 0.75, "latent_text_only": 1.3, "latent_vision_only": 1.3,
+              "ivtlr": 1.3}
+_QUESTION_COST = 0.03
 
 
-def plan_runs(recipe: DemoRecipe, model_dir: Path, data: DemoData, runs_dir: Path, seed: int
-              ) -> dict[str, PlannedRun]:
-    """Every training run, in the order they must run: pre-training, stage 0, then one run per variant."""
-    common = dict(model_dir=model_dir, runs_dir=runs_dir, seed=seed)
-    runs = {
-        PRETRAIN_RUN: PlannedRun(
-            run_config(recipe, name=PRETRAIN_RUN, mode="cot", data_files=data.reading,
-                       num_epochs=recipe.pretrain_epochs, epochs_per_stage=recipe.pretrain_epochs, **common),
-            parent=None, first_epoch=-recipe.pretrain_epochs, cost=_EPOCH_COST["reading"] * recipe.pretrain_epochs,
-            label="visual pre-training (reading one cell)"),
-        STAGE0_RUN: PlannedRun(
-            run_config(recipe, name=STAGE0_RUN, mode="cot", data_files=data.reasoning,
-                       num_epochs=recipe.stage0_epochs, epochs_per_stage=recipe.stage0_epochs, **common),
-            parent=PRETRAIN_RUN, first_epoch=0, cost=_EPOCH_COST["cot"] * recipe.stage0_epochs,
-            label="stage 0 (written rationale, shared)"),
-        "nocot": PlannedRun(
-            run_config(recipe, name="nocot", mode="nocot", data_files=data.reasoning,
-                       num_epochs=recipe.total_epochs, epochs_per_stage=recipe.total_epochs, **common),
-            parent=PRETRAIN_RUN, first_epoch=0, cost=_EPOCH_COST["nocot"] * recipe.total_epochs,
-            label=VARIANT_LABELS["nocot"]),
+def plan_jobs(recipe: DemoRecipe, model_dir: Path, data: DemoData, out: Path, seed: int) -> dict[str, DemoJob]:
+    """Every run, parents before children: pre-training, stage 0, No-CoT, then CoT and the latent variants."""
+    common = dict(model_dir=model_dir, runs_dir=out / "runs", seed=seed)
+    evaluation = dict(eval_batch_size=recipe.eval_batch_size, max_new_tokens=recipe.max_new_tokens)
+    steps_per_epoch = -(-recipe.n_train // recipe.batch_size)
+    eval_questions = recipe.n_val + recipe.n_test
+
+    def job(name: str, config: Config, parent: str | None, first_epoch: int, cost_kind: str, label: str,
+            steps_per_epoch: int = steps_per_epoch, **eval_keys) -> DemoJob:
+        steps = steps_per_epoch * (config.num_epochs - config.resume)
+        questions = eval_questions if eval_keys.get("eval_splits") == ("validation", "test") else recipe.n_val
+        return DemoJob(name, config, parent, first_epoch, steps, steps * _STEP_COST[cost_kind]
+                       + questions * _QUESTION_COST, label, eval_dir=out / "eval" / name, **evaluation, **eval_keys)
+
+    reasoning_eval = dict(eval_data=data.reasoning, eval_splits=("validation", "test"))
+    jobs = {
+        PRETRAIN_RUN: job(PRETRAIN_RUN, run_config(recipe, name=PRETRAIN_RUN, mode="cot", data_files=data.reading,
+                                                   num_epochs=recipe.pretrain_epochs,
+                                                   epochs_per_stage=recipe.pretrain_epochs, **common),
+                          None, -recipe.pretrain_epochs, "reading", "visual pre-training (reading one cell)",
+                          steps_per_epoch=-(-recipe.n_pretrain // recipe.batch_size), eval_data=data.reading,
+                          eval_splits=("validation",)),
+        STAGE0_RUN: job(STAGE0_RUN, run_config(recipe, name=STAGE0_RUN, mode="cot", data_files=data.reasoning,
+                                               num_epochs=recipe.stage0_epochs, epochs_per_stage=recipe.stage0_epochs,
+                                               **common),
+                        PRETRAIN_RUN, 0, "cot", "stage 0 (written rationale, shared)"),
+        "nocot": job("nocot", run_config(recipe, name="nocot", mode="nocot", data_files=data.reasoning,
+                                         num_epochs=recipe.total_epochs, epochs_per_stage=recipe.total_epochs,
+                                         **common),
+                     PRETRAIN_RUN, 0, "nocot", VARIANT_LABELS["nocot"], **reasoning_eval),
     }
-    later_epochs = recipe.epochs_per_stage * recipe.max_latent_stage
-    for variant in ("cot", *LATENT_VARIANTS):
+    # The method first: on two workers it then never waits for the last slot.
+    for variant in ("ivtlr", "cot", "latent_text_only", "latent_vision_only"):
+        # Stage 0 ran in its own run (its length is its own): a continuation starts at the first epoch of stage 1,
+        # ``resume = epochs_per_stage``, and trains every latent stage.
         config = run_config(recipe, name=variant, mode=variant, data_files=data.reasoning,
                             resume=recipe.epochs_per_stage, **common)
-        runs[variant] = PlannedRun(config, parent=STAGE0_RUN, first_epoch=recipe.stage0_epochs,
-                                   cost=_EPOCH_COST[variant] * later_epochs, label=VARIANT_LABELS[variant])
-    return runs
-
-
-#: CPU time of an epoch relative to a written-rationale one (No-CoT sequences are shorter; latent steps add passes),
-#: as measured in the full recipe.
-_EPOCH_COST = {"reading": 0.85, "cot": 1.0, "nocot": 0.85, "latent_text_only": 1.15, "latent_vision_only": 1.15,
-               "ivtlr": 1.15}
-#: CPU time of evaluating one variant on validation and test, in the same unit.
-_EVAL_COST = 0.3
-
-
-class Eta:
-    """Logs how far the demo is and how long it should still take, from the planned relative costs."""
-
-    def __init__(self, total_cost: float):
-        self.total, self.done, self.start = total_cost, 0.0, time.perf_counter()
-
-    def advance(self, cost: float, what: str) -> None:
-        self.done += cost
-        elapsed = time.perf_counter() - self.start
-        left = elapsed * max(self.total - self.done, 0.0) / self.done
-        logger.info("demo: %s done (%.0f%%); %s elapsed, about %s left", what, 100 * self.done / self.total,
-                    _minutes(elapsed), _minutes(left))
-
-
-def _minutes(seconds: float) -> str:
-    whole = max(0, round(seconds))
-    return f"{whole // 60}m{whole % 60:02d}s"
+        jobs[variant] = job(variant, config, STAGE0_RUN, recipe.stage0_epochs, variant, VARIANT_LABELS[variant],
+                            **reasoning_eval)
+    return jobs
 
 
 # ---------------------------------------------------------------------------------------------------- running
@@ -285,18 +307,18 @@ def train_run(config: Config) -> Path:
     return result.checkpoint
 
 
-def evaluate_checkpoint(checkpoint: Path, data_files: dict[str, str], splits: Sequence[str], out_dir: Path,
-                        recipe: DemoRecipe) -> dict[str, dict]:
+def evaluate_checkpoint(checkpoint: Path, data_files: Mapping[str, str], splits: Sequence[str], out_dir: Path, *,
+                        batch_size: int, max_new_tokens: int, progress: bool = True) -> dict[str, dict]:
     """``ivtlr eval`` of one checkpoint on each split (the model loaded once): predictions JSONL and the summary per
     split, as the harness writes them; returns the summaries by split."""
     model = load_checkpoint_model(checkpoint, torch.device("cpu"))
-    settings = GenerationSettings(n_latent=model.n_latent(None), max_new_tokens=recipe.max_new_tokens,
+    settings = GenerationSettings(n_latent=model.n_latent(None), max_new_tokens=max_new_tokens,
                                   image_size=model.image_size)
     summaries = {}
     for split in splits:
-        examples = load_examples("m3cot", split, data_files=data_files)
-        records = evaluate(model, examples, out_dir / f"predictions_{split}.jsonl", settings,
-                           batch_size=recipe.eval_batch_size)
+        examples = load_examples("m3cot", split, data_files=dict(data_files))
+        records = evaluate(model, examples, out_dir / f"predictions_{split}.jsonl", settings, batch_size=batch_size,
+                           progress=progress)
         run_info = {"checkpoint": str(checkpoint), "mode": model.mode, "split": split, "n_latent": settings.n_latent,
                     "num_selected_patches": model.engine.num_selected_patches}
         summaries[split] = evaluation_summary(records, ("domain", "topic"), run_info)
@@ -304,130 +326,151 @@ def evaluate_checkpoint(checkpoint: Path, data_files: dict[str, str], splits: Se
     return summaries
 
 
+def execute_job(job: DemoJob, parent_checkpoint: str | None, threads: int) -> JobResult:
+    """Train one run (continuing its parent's checkpoint) and evaluate it; runs in a worker process, whose log and
+    progress bars go to ``<run dir>/worker.log`` (the main process shows one bar for all workers)."""
+    job.config.run_dir.mkdir(parents=True, exist_ok=True)
+    with (job.config.run_dir / "worker.log").open("a") as log, contextlib.redirect_stderr(log):
+        handler = logging.StreamHandler(log)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        try:
+            return _train_and_evaluate(job, parent_checkpoint, threads)
+        finally:
+            root.removeHandler(handler)
+
+
+def _train_and_evaluate(job: DemoJob, parent_checkpoint: str | None, threads: int) -> JobResult:
+    torch.set_num_threads(threads)
+    started = time.time()
+    config = job.config if parent_checkpoint is None else replace(job.config, load_model_path=parent_checkpoint)
+    checkpoint = train_run(config)
+    trained = time.time()
+    summaries = {}
+    if job.eval_splits and job.eval_dir is not None:
+        summaries = evaluate_checkpoint(checkpoint, job.eval_data, job.eval_splits, job.eval_dir,
+                                        batch_size=job.eval_batch_size, max_new_tokens=job.max_new_tokens,
+                                        progress=False)
+    finished = time.time()
+    return JobResult(job.name, str(checkpoint), trained - started, finished - trained, started, finished, summaries)
+
+
+_POLL_SECONDS = 1.0
+
+
+def _stop_with_parent() -> None:
+    """Worker initializer: on Linux, die with the demo's main process (no orphaned trainings after a kill)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class JobScheduler:
+    """Runs the demo's jobs on ``workers`` processes as soon as their parent has finished, with one progress bar for
+    all of them. The bar advances with the planned relative cost of the steps the workers have logged; the time left
+    is a replay of the remaining schedule on the workers at the speed measured so far."""
+
+    def __init__(self, jobs: Mapping[str, DemoJob], workers: int, cores: int):
+        self.jobs, self.workers, self.cores = dict(jobs), workers, cores
+        self.started: dict[str, float] = {}
+
+    def run(self) -> dict[str, JobResult]:
+        results: dict[str, JobResult] = {}
+        pending = list(self.jobs)
+        running: dict[str, AsyncResult] = {}
+        bar = tqdm(total=round(sum(job.cost for job in self.jobs.values())), desc="demo", unit="cost",
+                   dynamic_ncols=True, bar_format="{l_bar}{bar}| {elapsed} elapsed{postfix}")
+        pool = get_context("spawn").Pool(self.workers, initializer=_stop_with_parent)
+        try:
+            while pending or running:
+                starting = [n for n in pending if self._ready(n, results)][: self.workers - len(running)]
+                # The cores are shared by what runs now; a job keeps its thread count to the end.
+                threads = max(1, self.cores // max(1, len(running) + len(starting)))
+                for name in starting:
+                    pending.remove(name)
+                    job = self.jobs[name]
+                    parent = results[job.parent].checkpoint if job.parent else None
+                    running[name] = pool.apply_async(execute_job, (job, parent, threads))
+                    self.started[name] = time.time()
+                    logger.info("demo: started %s (%d thread%s)", job.label, threads, "s" * (threads > 1))
+                time.sleep(_POLL_SECONDS)
+                for name in [n for n, result in running.items() if result.ready()]:
+                    results[name] = running.pop(name).get()  # re-raises a worker's error here
+                    logger.info("demo: %s done (training %s, evaluation %s)", self.jobs[name].label,
+                                report_lib.minutes(results[name].train_seconds),
+                                report_lib.minutes(results[name].eval_seconds))
+                done = self._done_fractions(results, list(running))
+                bar.n = round(sum(self.jobs[name].cost * fraction for name, fraction in done.items()))
+                left = self._seconds_left(done, results)
+                bar.set_postfix_str(f"about {report_lib.minutes(left)} left" if left is not None else "", refresh=True)
+            pool.close()
+        finally:
+            pool.terminate()  # a no-op after close(); stops the workers if anything went wrong
+            pool.join()
+            bar.close()
+        return results
+
+    def _ready(self, name: str, results: Mapping[str, JobResult]) -> bool:
+        parent = self.jobs[name].parent
+        return parent is None or parent in results
+
+    def _done_fractions(self, results: Mapping[str, JobResult], running: Sequence[str]) -> dict[str, float]:
+        """How much of each job is done: finished ones whole, running ones by the steps their metrics log holds."""
+        done = {name: 1.0 for name in results}
+        for name in running:
+            job = self.jobs[name]
+            metrics = job.config.run_dir / JSONL_FILE
+            steps = sum(1 for _ in metrics.open()) if metrics.exists() else 0
+            done[name] = 0.9 * min(steps, job.steps) / max(job.steps, 1)  # the last tenth is its evaluation
+        return done
+
+    def _seconds_left(self, done: Mapping[str, float], results: Mapping[str, JobResult]) -> float | None:
+        """Replay what is left on the workers (parents first) at the seconds per cost unit measured so far."""
+        now = time.time()
+        spent = sum(now - self.started[name] for name, fraction in done.items() if name not in results and fraction)
+        spent += sum(result.finished - result.started for result in results.values())
+        progressed = sum(self.jobs[name].cost * fraction for name, fraction in done.items())
+        if progressed <= 0:
+            return None
+        seconds_per_cost = spent / progressed
+        free_at = [0.0] * self.workers
+        finish: dict[str, float] = {name: 0.0 for name in results}
+        for name, job in self.jobs.items():  # parents come before their children in the plan
+            if name in results:
+                continue
+            left = job.cost * (1.0 - done.get(name, 0.0)) * seconds_per_cost
+            worker = min(range(self.workers), key=free_at.__getitem__)
+            start = max(free_at[worker], finish.get(job.parent, 0.0) if job.parent else 0.0)
+            finish[name] = free_at[worker] = start + left
+        return max(finish.values(), default=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------- explain
 #: Outline colours of latent steps 1, 2, 3 that no digit cell has (the cells are red, green, blue, yellow).
 EXPLAIN_STEP_COLORS = ("black", "magenta", "cyan")
 
 
-def explain_questions(checkpoint: Path, data_files: dict[str, str], count: int, out_dir: Path) -> list[Path]:
-    """Draw, for the first ``count`` test questions, the image cells each latent step of the model inserted."""
+def explain_questions(checkpoint: Path, data: DemoData, count: int, out_dir: Path) -> list[Path]:
+    """Draw, for the first ``count`` test questions, the image cells each latent step of the model inserted, each
+    step labelled with the cell its written counterpart reads."""
     model = load_checkpoint_model(checkpoint, torch.device("cpu"))
-    examples = load_examples("m3cot", "test", data_files=data_files, limit=count)
+    examples = load_examples("m3cot", "test", data_files=data.reasoning, limit=count)
     paths = []
     for example in examples:
+        puzzle = data.puzzles[example.id]
         result = answer_question(model, example.image, example.question, example.choices)
-        title = f"{example.question}  answered {result.answer or '-'}, gold {example.answer}"
+        labels = [f"step {step + 1}: reads {puzzle.colours[cell]} ({puzzle.digits[cell]})"
+                  for step, cell in enumerate(puzzle.path)]
+        title = f"{example.question} answered {result.answer or '-'}, gold {example.answer}"
         path = out_dir / f"{example.id}.png"
         save_selection_png(path, result.seen_image, result.grid_hw, result.selected, scale=3, title=title,
-                           step_colors=EXPLAIN_STEP_COLORS)
+                           step_colors=EXPLAIN_STEP_COLORS, step_labels=labels)
         paths.append(path)
     return paths
-
-
-# ---------------------------------------------------------------------------------------------------- report
-def variant_row(summary_test: dict, summary_val: dict, train_seconds: float) -> dict:
-    """The report's numbers for one variant: test accuracy, AR steps (generated tokens), s/question."""
-    test, val = summary_test["overall"], summary_val["overall"]
-    return {"accuracy": test["accuracy"], "ar_steps": test["avg_generated_tokens"],
-            "seconds_per_question": test["seconds_per_question"], "validation_accuracy": val["accuracy"],
-            "test_questions": test["count"], "unanswered": test["unanswered"],
-            "accuracy_by_topic": {topic: stats["accuracy"] for topic, stats in summary_test["groups"]["topic"].items()},
-            "train_seconds": train_seconds}
-
-
-def target_checks(rows: dict[str, dict]) -> dict[str, bool]:
-    """The acceptance targets, on the test split."""
-    ivtlr, cot, nocot = rows["ivtlr"], rows["cot"], rows["nocot"]
-    return {"ivtlr_accuracy_at_least_cot": ivtlr["accuracy"] >= cot["accuracy"],
-            "ivtlr_accuracy_at_least_nocot_plus_10_points":
-                ivtlr["accuracy"] >= nocot["accuracy"] + TARGET_MARGIN_OVER_NOCOT,
-            "ivtlr_ar_steps_at_most_a_fifth_of_cot":
-                ivtlr["ar_steps"] <= TARGET_AR_FRACTION_OF_COT * cot["ar_steps"]}
-
-
-def results_table(report: dict) -> str:
-    """The markdown table of every variant's numbers."""
-    lines = ["| variant | test accuracy (%) | validation accuracy (%) | AR steps | s/question | training (s) |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for variant, row in report["variants"].items():
-        lines.append(f"| {VARIANT_LABELS[variant]} | {100 * row['accuracy']:.1f} | "
-                     f"{100 * row['validation_accuracy']:.1f} | {row['ar_steps']:.1f} | "
-                     f"{row['seconds_per_question']:.4f} | {row['train_seconds']:.0f} |")
-    return "\n".join(lines)
-
-
-def markdown_report(report: dict) -> str:
-    recipe = report["recipe"]
-    lines = ["# IVT-LR demo: digit-grid reasoning, tiny Qwen2-VL trained from scratch on a CPU", "",
-             f"{recipe['n_train']} training questions, {recipe['n_test']} test questions "
-             f"({'quick smoke run' if report['quick'] else 'full recipe'}); wall time "
-             f"{_minutes(report['wall_seconds'])} on {report['threads']} CPU thread(s).", "", results_table(report), "",
-             "AR steps: generated tokens per question (EOS included). s/question: generation wall time per question "
-             f"in batches of {recipe['eval_batch_size']}. Training (s) excludes the shared runs: visual pre-training "
-             f"({recipe['pretrain_epochs']} epochs, {report['pretraining']['train_seconds']:.0f} s; it reads the named "
-             f"cell's digit in {100 * report['pretraining']['reading_validation_accuracy']:.1f} % of validation "
-             f"images) and, for CoT and the latent variants, stage 0 ({recipe['stage0_epochs']} epochs, "
-             f"{report['stage0_seconds']:.0f} s).", "",
-             "Targets (test split):", ""]
-    lines += [f"- {name.replace('_', ' ')}: {'met' if met else 'NOT met'}" for name, met in report["targets"].items()]
-    lines += ["", f"![training curves]({report['files']['training_curve']})", "",
-              "Image cells each latent step of IVT-LR inserted, for a few test questions:", ""]
-    lines += [f"![{Path(p).stem}]({p})" for p in report["files"]["explain"]]
-    return "\n".join(lines) + "\n"
-
-
-def read_loss_curve(run_dir: Path, first_epoch: int, resume_epoch: int) -> tuple[list[float], list[float]]:
-    """(epochs into the whole schedule, loss) per optimizer step, from the run's ``metrics.jsonl``."""
-    from .metrics_log import JSONL_FILE
-
-    records = [json.loads(line) for line in (run_dir / JSONL_FILE).read_text().splitlines() if line]
-    per_epoch: dict[int, int] = {}
-    for record in records:
-        per_epoch[record["epoch"]] = per_epoch.get(record["epoch"], 0) + 1
-    seen: dict[int, int] = {}
-    xs, ys = [], []
-    for record in records:
-        epoch = record["epoch"]
-        seen[epoch] = seen.get(epoch, 0) + 1
-        xs.append(first_epoch + epoch - resume_epoch + seen[epoch] / per_epoch[epoch])
-        ys.append(record["loss"])
-    return xs, ys
-
-
-def plot_training_curves(curves: dict[str, tuple[list[float], list[float]]], stage_starts: Sequence[float],
-                         path: Path) -> Path:
-    """Training loss against epochs, one line per run (a running mean over a tenth of an epoch), dotted lines where
-    latent stages begin."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(9, 4.8))
-    for label, (xs, ys) in curves.items():
-        steps_per_epoch = sum(1 for x in xs if x <= xs[0] + 1) or 1
-        axes.plot(xs, running_mean(ys, max(1, steps_per_epoch // 10)), label=label, linewidth=1.2)
-    for stage, start in enumerate(stage_starts, start=1):
-        axes.axvline(start, color="grey", linestyle=":", linewidth=1)
-        axes.text(start, 0.02, f" stage {stage}", transform=axes.get_xaxis_transform(), fontsize=8, rotation=90,
-                  va="bottom")
-    axes.set_xlabel("epoch")
-    axes.set_ylabel("training loss (per labelled token)")
-    axes.set_yscale("log")
-    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    axes.set_title("IVT-LR demo: training loss")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
-
-
-def running_mean(values: Sequence[float], window: int) -> list[float]:
-    """Mean of each value and the ``window - 1`` before it (fewer at the start)."""
-    out, total = [], 0.0
-    for index, value in enumerate(values):
-        total += value - (values[index - window] if index >= window else 0.0)
-        out.append(total / min(index + 1, window))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------- command
@@ -440,62 +483,70 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="smoke run of the whole pipeline in well under a minute (tiny data, 1 epoch per stage)")
     parser.add_argument("--out", type=Path, default=Path("ivtlr_demo"), help="report folder (default: ivtlr_demo)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the model and the training order")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="runs trained in parallel processes (default: one per core, at most 2)")
 
 
 def run(args: argparse.Namespace) -> int:
     for name in ("accelerate.checkpointing", "accelerate.accelerator"):  # a line per saved file otherwise
         logging.getLogger(name).setLevel(logging.WARNING)
     recipe = QUICK if args.quick else FULL
-    report = run_demo(recipe, args.out, seed=args.seed, quick=args.quick)
-    print(results_table(report))  # noqa: T201 - the command's result
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = args.workers if args.workers is not None else max(1, min(2, cores))
+    if workers < 1:
+        raise SystemExit(f"--workers must be at least 1, got {workers}")
+    report = run_demo(recipe, args.out, seed=args.seed, quick=args.quick, workers=workers, cores=cores)
+    print(report_lib.results_table(report))  # noqa: T201 - the command's result
     return 0
 
 
-def run_demo(recipe: DemoRecipe, out: Path, *, seed: int = 0, quick: bool = False) -> dict:
-    """Data -> base model -> pre-training -> stage 0 -> every variant -> evaluation -> report files; returns the
-    report."""
-    started = time.perf_counter()
+def run_demo(recipe: DemoRecipe, out: Path, *, seed: int = 0, quick: bool = False, workers: int = 2,
+             cores: int = 2) -> dict:
+    """Data -> base model -> pre-training -> stage 0 and No-CoT -> every variant (parallel where independent) ->
+    evaluation -> report files; returns the report."""
+    started = time.time()
     for part in OUTPUT_PARTS:
         shutil.rmtree(out / part, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     data = write_data(recipe, out / "data", seed)
     model_dir = build_base_model(recipe, tokenizer_corpus(data), out / "base_model", seed)
-    runs = plan_runs(recipe, model_dir, data, out / "runs", seed)
-    eta = Eta(sum(r.cost for r in runs.values()) + _EVAL_COST * (len(VARIANTS) + 1))
+    jobs = plan_jobs(recipe, model_dir, data, out, seed)
+    setup_done = time.time()
+    results = JobScheduler(jobs, workers, cores).run()
+    training_done = time.time()
 
-    checkpoints, train_seconds, curves, rows = {}, {}, {}, {}
-    for name, planned in runs.items():
-        config = planned.config
-        if planned.parent is not None:
-            config = replace(config, load_model_path=str(checkpoints[planned.parent]))
-        run_started = time.perf_counter()
-        checkpoints[name] = train_run(config)
-        train_seconds[name] = time.perf_counter() - run_started
-        eta.advance(planned.cost, f"training {planned.label}")
-        curves[planned.label] = read_loss_curve(config.run_dir, planned.first_epoch, config.resume)
-        if name == PRETRAIN_RUN:
-            reading = evaluate_checkpoint(checkpoints[name], data.reading, ["validation"], out / "eval" / name,
-                                          recipe)["validation"]
-            eta.advance(_EVAL_COST, "evaluating the reading of the pre-trained model")
-        elif name in VARIANTS:
-            eval_dir = out / "eval" / name
-            summaries = evaluate_checkpoint(checkpoints[name], data.reasoning, ["validation", "test"], eval_dir, recipe)
-            rows[name] = variant_row(summaries["test"], summaries["validation"], train_seconds[name])
-            eta.advance(_EVAL_COST, f"evaluating {planned.label}")
-
+    rows = {}
+    for variant in VARIANTS:
+        records = report_lib.read_records(out / "eval" / variant / "predictions_test.jsonl")
+        summaries = results[variant].summaries
+        rows[variant] = report_lib.variant_row(records, summaries["test"], summaries["validation"],
+                                               results[variant].train_seconds, data.puzzles, recipe.token_grid)
+    curves = {job.label: report_lib.read_loss_curve(job.config.run_dir / JSONL_FILE, job.first_epoch,
+                                                    job.config.resume) for job in jobs.values()}
     stage_starts = [recipe.stage0_epochs + recipe.epochs_per_stage * s for s in range(recipe.max_latent_stage)]
-    curve_path = plot_training_curves(curves, stage_starts, out / "training_curve.png")
-    explained = explain_questions(checkpoints["ivtlr"], data.reasoning, recipe.n_explained, out / "explain")
-    report = {"quick": quick, "seed": seed, "threads": torch.get_num_threads(),
-              "wall_seconds": time.perf_counter() - started, "recipe": asdict(recipe),
-              "pretraining": {"reading_validation_accuracy": reading["overall"]["accuracy"],
-                              "train_seconds": train_seconds[PRETRAIN_RUN]},
-              "stage0_seconds": train_seconds[STAGE0_RUN], "variants": rows, "targets": target_checks(rows),
-              "checkpoints": {name: str(path) for name, path in checkpoints.items()},
-              "files": {"training_curve": curve_path.name,
-                        "explain": [str(p.relative_to(out)) for p in explained]}}
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(markdown_report(report))
+    curve_path = report_lib.plot_training_curves(curves, stage_starts, out / "training_curve.png")
+    explained = explain_questions(Path(results["ivtlr"].checkpoint), data, recipe.n_explained, out / "explain")
+    phases = {"data and base model": setup_done - started}
+    phases.update({jobs[name].label: result.finished - result.started for name, result in results.items()})
+    phases["report"] = time.time() - training_done
+    report = {"quick": quick, "seed": seed, "cpu": report_lib.cpu_model(), "workers": workers,
+              "threads_per_worker": max(1, cores // workers), "wall_seconds": time.time() - started,
+              "phase_seconds": phases, "recipe": asdict(recipe),
+              "pretraining": {"reading_validation_accuracy":
+                              results[PRETRAIN_RUN].summaries["validation"]["overall"]["accuracy"],
+                              "train_seconds": results[PRETRAIN_RUN].train_seconds},
+              "stage0_seconds": results[STAGE0_RUN].train_seconds, "variants": rows,
+              "targets": report_lib.target_checks(rows),
+              "checkpoints": {name: result.checkpoint for name, result in results.items()},
+              "files": {"training_curve": curve_path.name, "explain": [str(p.relative_to(out)) for p in explained]}}
+    _write_atomically(out / "report.json", json.dumps(report, indent=2) + "\n")
+    _write_atomically(out / "report.md", report_lib.markdown_report(report))
     logger.info("demo report written to %s (report.md, report.json, %s, %d explain pictures) in %s",
-                out, curve_path.name, len(explained), _minutes(report["wall_seconds"]))
+                out, curve_path.name, len(explained), report_lib.minutes(report["wall_seconds"]))
     return report
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    temporary.replace(path)

@@ -1,34 +1,46 @@
-"""An offline multi-step visual reasoning dataset made of real handwritten digit scans.
+"""An offline visual reasoning dataset made of real handwritten digit scans, built for interleaved latent reasoning.
 
-`ivtlr demo` needs a task that a tiny VLM trained from scratch on a CPU can learn in minutes, yet that cannot
-be answered in one glance: only then does reasoning over the image (IVT-LR) have something to beat direct
-answering (No-CoT) at. Each image is a grid of coloured cells, each holding one real scan from the UCI
-handwritten digits that ship with scikit-learn (1797 8x8 grey scans, ink 0..16). A question names two cells
-by colour; answering takes three steps, which the rationale spells out one sentence each: find and read the
-first cell, find and read the second, combine the two digits.
+`ivtlr demo` needs a task that a tiny VLM trained from scratch on a CPU learns in minutes, that cannot be answered in
+one glance, and where *where to look next depends on what was just seen* -- the situation IVT-LR's interleaved
+latent vision is made for. Each image is a grid of coloured cells, each holding one real scan from the UCI
+handwritten digits that ship with scikit-learn (1797 8x8 grey scans, ink 0..16).
+
+The reasoning kind, ``FOLLOW_POINTERS``: every digit points to a colour (digit ``d`` to the ``d mod n``-th colour of
+the grid's palette, e.g. on a 2x2 grid 0, 4, 8 -> red, 1, 5, 9 -> green, 2, 6 -> blue, 3, 7 -> yellow). A question
+names a start cell by its colour; the answer is the digit reached after following two pointers. The rationale reads
+one cell per step, each step's cell chosen by the digit the step before read (7 points to yellow, 2 to blue)::
+
+    7 in the red cell. 2 in the yellow cell. 5 in the blue cell ends the path.
 
 Design choices:
 
-- One cell is exactly one Qwen2-VL merged token (patch 14, spatial merge 2: 28x28 px) at the default
-  ``cell_px=28``, or 2x2 merged tokens at 56, so a token never mixes two cells. The default 2x2 grid gives a
-  56x56 image (4 image tokens); ``grid=3`` gives 84x84 (9 tokens, 7 distractor cells). Neither needs
-  resizing by Qwen2-VL's processor (both are multiples of 28 and at least its 56x56 minimum).
-- Colours are shuffled over the cells for every image, so "the red cell" is a search over the image, not a
-  fixed position.
-- The scan is upsampled by an integer factor (3 per 28 px of cell) with nearest neighbour, so every drawn
-  pixel is a real scan pixel; the ink is drawn black over the cell colour.
-- Every answer is uniform over its choice pool when the digits are (the scan labels are near-uniform), and
-  the three distractors are drawn uniformly from the rest of the pool. So neither the option text nor one
-  cell's digit tells the answer: reading both named cells is required.
-- Train / validation / test draw their scans from disjoint parts of the 1797 scans (a seeded permutation),
-  so evaluation measures reading unseen handwriting.
-- A one-step kind, ``READ_CELL`` ("Which digit is in the red cell?", all ten digits as options), is not a
-  reasoning question: it is the demo's visual pre-training, so that every method compared starts from a model
-  that can find and read a cell, as a pretrained VLM can.
-- Options: four by default (the answer and three distractors, shuffled). A model trained from scratch must then
-  also learn to look its result up among the options, and with digits as options it first settles for guessing
-  among the offered ones, a local optimum it takes longer than the demo's budget to leave. ``all_digit_options``
-  (always on for ``READ_CELL``) offers the ten digits in order instead, so the letter follows from the result.
+- Each step *opens with the digit it reads* and names no next colour. IVT-LR picks a latent step's patches from the
+  attention row of the position just before the latent slot; in stage 0 that position predicts the first token of
+  the step the slot replaces, so a step that opens with its cell's digit asks that position for the cell's content,
+  and with the next colour unwritten the model has to turn the digit it just read into where to look next, which
+  is what a latent step must do once the step's text is gone.
+- The three cells of a path are distinct (IVT-LR never inserts a patch twice, so a path revisiting a cell would
+  have no patch left to insert): the start cell's digit never points back to it, the second cell's digit points to
+  a third cell; the third cell's digit (the answer) and the fourth cell's are free, so the answer is as uniform as
+  the scan labels.
+- Neither the text nor one cell gives the answer: the start cell's digit only says where to look next, and the
+  answer sits in one of the other cells, which one depending on the second read.
+- One cell is exactly one Qwen2-VL merged token (patch 14, spatial merge 2: 28x28 px) at ``cell_px=28``, or 2x2
+  merged tokens at 56, so a token never mixes two cells. Colours are shuffled over the cells for every image, so
+  "the red cell" is a search over the image, not a fixed position.
+- The scan is upsampled by an integer factor (3 per 28 px of cell) with nearest neighbour, so every drawn pixel is a
+  real scan pixel; the ink is drawn black over the cell colour.
+- Options are the ten digits in order, so the letter follows from the digit reached (a tiny model given four drawn
+  digits settles for guessing among them, a local optimum it takes longer than the demo's budget to leave).
+- Train / validation / test draw their scans from disjoint parts of the 1797 scans (a seeded permutation), so
+  evaluation measures reading unseen handwriting.
+- A one-step kind, ``READ_CELL`` ("Which digit is in the red cell?"), is not a reasoning question: it is the demo's
+  visual pre-training, so that every method compared starts from a model that can find and read a cell, as a
+  pretrained VLM can. Its rationale is the colour, then the digit ("red 7"): the digit is predicted at the colour
+  word itself, so one attention hop (colour word -> cell of that colour) reads it. Measured on validation after
+  three epochs: 85 % read; with "The red cell shows 7" 36 % (the colour two tokens back: two hops to learn at once),
+  with "7 in the red cell" 10 % (the colour back in the question). Half of its training questions show one scan in
+  every cell (``warmup_share``), so that recognising digits does not wait for finding the cell.
 
 Rows follow the M3CoT schema (DESIGN.md §1.5); ``topic`` names the question kind, ``domain`` its family.
 """
@@ -54,10 +66,11 @@ logger = logging.getLogger(__name__)
 MERGED_PATCH_PX = 28  # Qwen2-VL: patch 14 x spatial merge 2
 SCAN_PX = 8
 MAX_INK = 16.0
-N_OPTIONS = 4  # options of a reasoning question
 SPLITS = ("train", "validation", "test")
+DIGIT_CHOICES = tuple(str(d) for d in range(10))
 
-# Named cell colours, bright enough for black ink to stand out; a grid uses the first grid*grid of them.
+# Named cell colours, bright enough for black ink to stand out; a grid uses the first grid*grid of them, and a
+# digit points to the (digit mod grid*grid)-th of those.
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (235, 70, 70),
     "green": (80, 190, 90),
@@ -70,25 +83,18 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "grey": (175, 175, 175),
 }
 
-SUM_LAST_DIGIT = "sum_last_digit"
-DIFFERENCE_MOD_10 = "difference_mod_10"
-PARITY_AND_ORDER = "parity_and_order"
-#: One step, not a reasoning question: read the digit of one named cell. It is the demo's visual pre-training task
-#: (a tiny model trained from scratch must first learn to find and read a cell, as a real VLM already can).
+#: Follow two pointers from a named cell; three cells read, the answer is the last digit read.
+FOLLOW_POINTERS = "follow_pointers"
+#: One step, not a reasoning question: read the digit of one named cell (the demo's visual pre-training).
 READ_CELL = "read_cell"
-KINDS = (SUM_LAST_DIGIT, DIFFERENCE_MOD_10, PARITY_AND_ORDER)  # the reasoning kinds
-NUMERIC_KINDS = (SUM_LAST_DIGIT, DIFFERENCE_MOD_10, READ_CELL)  # answers are digits
-DOMAIN_OF_KIND = {SUM_LAST_DIGIT: "arithmetic", DIFFERENCE_MOD_10: "arithmetic", PARITY_AND_ORDER: "logic",
-                  READ_CELL: "reading"}
-
-# Each question names the cells in the order the rationale reads them, a colour standing for its cell's digit.
-# The wording is terse on purpose: a tiny model trained from scratch learns to look up the named cell far sooner when
-# the prompt is short (its image tokens then hold a larger share of every attention row).
+KINDS = (FOLLOW_POINTERS, READ_CELL)
+CELLS_READ = {FOLLOW_POINTERS: 3, READ_CELL: 1}
+DOMAIN_OF_KIND = {FOLLOW_POINTERS: "pointers", READ_CELL: "reading"}
+# Terse on purpose: a tiny model trained from scratch finds the named cell far sooner when the prompt is short (its
+# image tokens then hold a larger share of every attention row).
 QUESTION_OF_KIND = {
-    SUM_LAST_DIGIT: "What is the last digit of {first} + {second}?",
-    DIFFERENCE_MOD_10: "What is {first} - {second}, modulo 10?",
-    PARITY_AND_ORDER: "Is {first} + {second} odd or even, and which is larger?",
-    READ_CELL: "Which digit is in the {first} cell?",
+    FOLLOW_POINTERS: "Start at the {start} cell and follow two pointers. Which digit do you reach?",
+    READ_CELL: "Which digit is in the {start} cell?",
 }
 
 
@@ -111,13 +117,20 @@ class DigitPuzzle:
     scan_indices: tuple[int, ...]  # one scan per cell, row-major
     digits: tuple[int, ...]  # the scans' labels, row-major
     colours: tuple[str, ...]  # each cell's colour name, row-major
-    asked_cells: tuple[int, int]  # the cells the question names, in the order it names them
-    choices: tuple[str, ...]
-    answer_index: int
+    path: tuple[int, ...]  # the cells the rationale reads, in order (row-major indices); the first is named
 
     @property
     def uid(self) -> str:
         return f"digits-{self.split}-{self.index:05d}"
+
+    @property
+    def answer_digit(self) -> int:
+        return self.digits[self.path[-1]]
+
+    @property
+    def step_cells(self) -> tuple[int | None, ...]:
+        """The cell each rationale step reads, in order (None for a step that reads no cell)."""
+        return self.path
 
 
 @functools.lru_cache(maxsize=1)
@@ -139,119 +152,88 @@ def partition_scans(n_scans: int, seed: int, fractions: Sequence[float]) -> dict
     return {split: np.sort(pool) for split, pool in zip(SPLITS, pools)}
 
 
-def _parity_and_order_option(parity: str, larger_colour: str) -> str:
-    return f"{parity} sum; the {larger_colour} digit is larger"
+def grid_colours(grid: int) -> tuple[str, ...]:
+    """The palette of a grid, in pointer order: digit d points to ``grid_colours(grid)[d % (grid * grid)]``."""
+    return tuple(PALETTE)[: grid * grid]
 
 
-def _answer_pool(kind: str, first: str, second: str) -> list[str]:
-    """Every answer a question of this kind can have: options are drawn from here."""
-    if kind == PARITY_AND_ORDER:
-        return [_parity_and_order_option(p, c) for p in ("odd", "even") for c in (first, second)]
-    return [str(d) for d in range(10)]
+def pointed_colour(digit: int, grid: int) -> str:
+    """The colour a digit points to on a grid of this size."""
+    colours = grid_colours(grid)
+    return colours[digit % len(colours)]
 
 
-def _correct_answer(kind: str, a: int, b: int, first: str, second: str) -> str:
-    if kind == READ_CELL:
-        return str(a)
-    if kind == SUM_LAST_DIGIT:
-        return str((a + b) % 10)
-    if kind == DIFFERENCE_MOD_10:
-        return str((a - b) % 10)
-    parity = "odd" if (a + b) % 2 else "even"
-    return _parity_and_order_option(parity, first if a > b else second)
+def rationale_steps(puzzle: DigitPuzzle) -> list[str]:
+    """One sentence per cell read, opening with the digit it reads (see the module docstring)."""
+    if puzzle.kind == READ_CELL:
+        (cell,) = puzzle.path
+        return [f"{puzzle.colours[cell]} {puzzle.digits[cell]}"]
+    steps = [f"{puzzle.digits[cell]} in the {puzzle.colours[cell]} cell" for cell in puzzle.path]
+    steps[-1] += " ends the path"
+    return steps
 
 
-def _rationale(kind: str, a: int, b: int, first: str, second: str) -> str:
-    """Three sentences joined by ". " so DESIGN §1.2's splitter yields three steps: read, read, combine."""
-    if kind == READ_CELL:
-        return f"The {first} cell shows {a}."
-    reads = f"The {first} cell shows {a}. The {second} cell shows {b}. "
-    if kind == SUM_LAST_DIGIT:
-        return reads + f"{a} plus {b} equals {a + b}, so the last digit of the sum of the two digits is {(a + b) % 10}."
-    if kind == DIFFERENCE_MOD_10:
-        return reads + f"{a} minus {b} equals {a - b}, so the difference of the two digits modulo 10 is {(a - b) % 10}."
-    parity = "odd" if (a + b) % 2 else "even"
-    larger, colour = (a, first) if a > b else (b, second)
-    return reads + f"{a} plus {b} is {a + b}, which is {parity}, and {larger} in the {colour} cell is larger."
+def _draw_scan(rng: np.random.Generator, pool: np.ndarray, labels: np.ndarray, allowed: set[int]) -> int:
+    """A scan of the pool whose label is in ``allowed``, uniformly among those scans."""
+    candidates = pool[np.isin(labels[pool], sorted(allowed))]
+    return int(rng.choice(candidates))
 
 
-def _compose_puzzle(
-    rng: np.random.Generator,
-    split: str,
-    index: int,
-    pool: np.ndarray,
-    labels: np.ndarray,
-    grid: int,
-    kinds: Sequence[str],
-    all_digit_options: bool,
-) -> DigitPuzzle:
-    """Draw one question: scans from this split's pool, shuffled colours, two named cells, balanced options."""
+def _compose_puzzle(rng: np.random.Generator, split: str, index: int, pool: np.ndarray, labels: np.ndarray,
+                    grid: int, kind: str, same_scan: bool = False) -> DigitPuzzle:
+    """Draw one question: scans from this split's pool, shuffled colours, a start cell and a path of distinct cells.
+    ``same_scan`` puts one scan in every cell (a warm-up reading question: any cell gives the answer)."""
     n_cells = grid * grid
-    kind = kinds[rng.integers(len(kinds))]
-    scans = rng.choice(pool, size=n_cells)
-    colours = tuple(rng.permutation(list(PALETTE)[:n_cells]).tolist())
-    first_cell, second_cell = (int(c) for c in rng.choice(n_cells, size=2, replace=False))
-    # "Which digit is larger" needs two different digits; redraw the second scan until it differs.
-    while kind == PARITY_AND_ORDER and labels[scans[first_cell]] == labels[scans[second_cell]]:
-        scans[second_cell] = rng.choice(pool)
-    digits = tuple(int(labels[s]) for s in scans)
-    first, second = colours[first_cell], colours[second_cell]
-    correct = _correct_answer(kind, digits[first_cell], digits[second_cell], first, second)
-    if kind == READ_CELL or (all_digit_options and kind in NUMERIC_KINDS):
-        pool = _answer_pool(kind, first, second)
-        choices = [correct, *(option for option in pool if option != correct)]
-        order = np.asarray([choices.index(option) for option in pool])
-    else:
-        others = [option for option in _answer_pool(kind, first, second) if option != correct]
-        distractors = rng.choice(others, size=N_OPTIONS - 1, replace=False).tolist()
-        choices = [correct, *distractors]
-        order = rng.permutation(len(choices))
-    return DigitPuzzle(
-        split=split,
-        index=index,
-        kind=kind,
-        grid=grid,
-        scan_indices=tuple(int(s) for s in scans),
-        digits=digits,
-        colours=colours,
-        asked_cells=(first_cell, second_cell),
-        choices=tuple(choices[i] for i in order),
-        answer_index=int(np.flatnonzero(order == 0)[0]),
-    )
+    palette = grid_colours(grid)
+    scans = np.full(n_cells, rng.choice(pool)) if same_scan else rng.choice(pool, size=n_cells)
+    colours = tuple(rng.permutation(palette).tolist())
+    cell_of_colour = {colour: cell for cell, colour in enumerate(colours)}
+    path = [int(rng.integers(n_cells))]
+    for _ in range(CELLS_READ[kind] - 1):
+        # The digit of the last cell read must point to a cell not read yet.
+        allowed = {d for d in range(10) if cell_of_colour[pointed_colour(d, grid)] not in path}
+        scans[path[-1]] = _draw_scan(rng, pool, labels, allowed)
+        path.append(cell_of_colour[pointed_colour(int(labels[scans[path[-1]]]), grid)])
+    return DigitPuzzle(split=split, index=index, kind=kind, grid=grid, scan_indices=tuple(int(s) for s in scans),
+                       digits=tuple(int(labels[s]) for s in scans), colours=colours, path=tuple(path))
 
 
 def compose_digit_puzzles(
     seed: int = 0,
     n_train: int = 2000,
     n_val: int = 200,
-    n_test: int = 300,
+    n_test: int = 1000,
     grid: int = 2,
-    kinds: Sequence[str] = KINDS,
+    kind: str = FOLLOW_POINTERS,
     scan_fractions: Sequence[float] = (0.7, 0.1, 0.2),
-    all_digit_options: bool = False,
+    warmup_share: float = 0.0,
 ) -> dict[str, list[DigitPuzzle]]:
-    """Choose scans, colours, named cells and options for every split, without drawing anything.
+    """Choose scans, colours and paths for every split, without drawing anything.
 
     Each split has its own random stream, so changing ``n_train`` leaves validation and test unchanged.
-    ``all_digit_options`` offers the ten digits, in order, as the options of the numeric kinds instead of four drawn
-    ones (``READ_CELL`` always does).
+    ``warmup_share`` of the training ``READ_CELL`` questions show one scan in every cell: a model trained from scratch
+    then learns to recognise digits before it can find the named cell, instead of having to learn both at once
+    (each is useless without the other, a long plateau). Validation and test never have them.
     """
+    if not 0.0 <= warmup_share <= 1.0 or (warmup_share and kind != READ_CELL):
+        raise ValueError(f"warmup_share must be in [0, 1] and only for {READ_CELL}, got {warmup_share} for {kind}")
     if not 2 <= grid * grid <= len(PALETTE):
         raise ValueError(f"grid must give between 2 and {len(PALETTE)} cells, got {grid}x{grid}")
-    unknown = set(kinds) - {*KINDS, READ_CELL}
-    if not kinds or unknown:
-        raise ValueError(f"kinds must be a non-empty subset of {(*KINDS, READ_CELL)}, got {kinds}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if CELLS_READ[kind] > grid * grid:
+        raise ValueError(f"a {kind} path reads {CELLS_READ[kind]} distinct cells: a {grid}x{grid} grid is too small")
     scans = load_digit_scans()
     pools = partition_scans(len(scans.labels), seed, scan_fractions)
     sizes = dict(zip(SPLITS, (n_train, n_val, n_test)))
     puzzles = {}
     for split_number, split in enumerate(SPLITS):
         rng = np.random.default_rng((seed, split_number))
-        puzzles[split] = [
-            _compose_puzzle(rng, split, i, pools[split], scans.labels, grid, kinds, all_digit_options)
-            for i in range(sizes[split])
-        ]
-        logger.info("digit reasoning %s: %d questions from %d scans", split, sizes[split], len(pools[split]))
+        warmup = np.random.default_rng((seed, split_number, 1)).random(sizes[split]) < warmup_share
+        puzzles[split] = [_compose_puzzle(rng, split, i, pools[split], scans.labels, grid, kind,
+                                          same_scan=bool(warmup[i]) and split == "train")
+                          for i in range(sizes[split])]
+        logger.info("digit puzzles (%s) %s: %d questions from %d scans", kind, split, sizes[split], len(pools[split]))
     return puzzles
 
 
@@ -275,19 +257,16 @@ def render_puzzle(puzzle: DigitPuzzle, scans: DigitScans, cell_px: int = MERGED_
 
 
 def puzzle_to_row(puzzle: DigitPuzzle, image: Image.Image) -> dict:
-    """One M3CoT-schema row (DESIGN §1.5)."""
-    first_cell, second_cell = puzzle.asked_cells
-    first, second = puzzle.colours[first_cell], puzzle.colours[second_cell]
-    a, b = puzzle.digits[first_cell], puzzle.digits[second_cell]
+    """One M3CoT-schema row (DESIGN §1.5); the options are the ten digits in order."""
     return {
         "id": puzzle.uid,
         "category": f"digit-grid-{puzzle.grid}x{puzzle.grid}",
         "image_id": puzzle.uid,
-        "question": QUESTION_OF_KIND[puzzle.kind].format(first=first, second=second),
-        "choices": list(puzzle.choices),
+        "question": QUESTION_OF_KIND[puzzle.kind].format(start=puzzle.colours[puzzle.path[0]]),
+        "choices": list(DIGIT_CHOICES),
         "context": "",
-        "answer": option_letter(puzzle.answer_index),
-        "rationale": _rationale(puzzle.kind, a, b, first, second),
+        "answer": option_letter(puzzle.answer_digit),
+        "rationale": ". ".join(rationale_steps(puzzle)) + ".",
         "split": puzzle.split,
         "image": image,
         "domain": DOMAIN_OF_KIND[puzzle.kind],
@@ -299,15 +278,15 @@ def build_digit_reasoning(
     seed: int = 0,
     n_train: int = 2000,
     n_val: int = 200,
-    n_test: int = 300,
+    n_test: int = 1000,
     grid: int = 2,
     cell_px: int = MERGED_PATCH_PX,
-    kinds: Sequence[str] = KINDS,
+    kind: str = FOLLOW_POINTERS,
     scan_fractions: Sequence[float] = (0.7, 0.1, 0.2),
-    all_digit_options: bool = False,
+    warmup_share: float = 0.0,
 ) -> dict[str, list[dict]]:
     """The dataset as M3CoT-schema rows per split, images as PIL; row i is puzzle i of `compose_digit_puzzles`."""
-    puzzles = compose_digit_puzzles(seed, n_train, n_val, n_test, grid, kinds, scan_fractions, all_digit_options)
+    puzzles = compose_digit_puzzles(seed, n_train, n_val, n_test, grid, kind, scan_fractions, warmup_share)
     scans = load_digit_scans()
     return {
         split: [puzzle_to_row(p, render_puzzle(p, scans, cell_px)) for p in split_puzzles]

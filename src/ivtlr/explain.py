@@ -68,8 +68,12 @@ def render_selection(
     scale: int | None = None,
     title: str | None = None,
     step_colors: Sequence[str | Color] | None = None,
+    step_labels: Sequence[str] | None = None,
 ) -> Image.Image:
     """Draw the image with each step's selected cells outlined in that step's colour, plus a legend.
+
+    The legend names each step "step 1", "step 2", ...; ``step_labels`` replaces those names (e.g. with what the
+    written rationale read at that step).
 
     The image is enlarged by an integer ``scale`` (nearest neighbour, so pixels stay honest); by default
     the smallest scale that makes every cell at least ``MIN_CELL_PX`` pixels. A cell chosen by several
@@ -102,7 +106,10 @@ def render_selection(
             inset = ring * OUTLINE_PX
             ring_box = (x0 + inset, y0 + inset, x1 - 1 - inset, y1 - 1 - inset)
             draw.rectangle(ring_box, outline=colors[step], width=OUTLINE_PX)
-    return _compose(picture, colors, title)
+    if step_labels is not None and len(step_labels) < len(steps):
+        raise ValueError(f"{len(step_labels)} step_labels given for {len(steps)} steps")
+    labels = list(step_labels[: len(steps)]) if step_labels is not None else [f"step {s + 1}" for s in range(len(steps))]
+    return _compose(picture, colors, labels, title)
 
 
 def save_selection_png(
@@ -140,13 +147,12 @@ def _resolve_colors(step_colors: Sequence[str | Color] | None, n_steps: int) -> 
     return [ImageColor.getrgb(c)[:3] if isinstance(c, str) else tuple(c)[:3] for c in step_colors[:n_steps]]
 
 
-def _compose(picture: Image.Image, colors: list[Color], title: str | None) -> Image.Image:
-    """Stack the title strip, the picture and a legend ("step 1", "step 2", ... with swatches)."""
+def _compose(picture: Image.Image, colors: list[Color], labels: list[str], title: str | None) -> Image.Image:
+    """Stack the title strip, the picture and a legend (one label and swatch per step)."""
     font = ImageFont.load_default(size=FONT_PX)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_px = FONT_PX + 2 * PAD_PX
 
-    labels = [f"step {s + 1}" for s in range(len(colors))]
     entry_widths = [SWATCH_PX + PAD_PX + round(measure.textlength(label, font=font)) + 2 * PAD_PX for label in labels]
     title_width = round(measure.textlength(title, font=font)) + 2 * PAD_PX if title else 0
     width = max([picture.width, title_width, *(w + PAD_PX for w in entry_widths)])

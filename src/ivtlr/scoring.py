@@ -117,6 +117,9 @@ class PredictionRecord:
     seconds: float
     domain: str = ""
     topic: str = ""
+    #: Per latent step, the image-token indices (row-major over the token grid) that step inserted: what a reader
+    #: needs to check where the latent vision looked, without re-running the model.
+    selected: list[list[int]] = field(default_factory=list)
     groups: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -133,6 +136,7 @@ class PredictionRecord:
         rule: ExtractionRule = "original",
         domain: str = "",
         topic: str = "",
+        selected: Sequence[Sequence[int]] = (),
         groups: Mapping[str, str] | None = None,
     ) -> PredictionRecord:
         """Score one generated output; ``answer`` is the gold option letter."""
@@ -148,6 +152,7 @@ class PredictionRecord:
             seconds=seconds,
             domain=domain,
             topic=topic,
+            selected=[[int(index) for index in step] for step in selected],
             groups=dict(groups or {}),
         )
 

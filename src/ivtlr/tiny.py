@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     ChameleonConfig,
     ChameleonForConditionalGeneration,
@@ -162,12 +162,14 @@ def _check_family(family: str) -> None:
 
 
 def build_tokenizer(
-    family: str, corpus: Iterable[str] | None = None, vocab_size: int = 300
+    family: str, corpus: Iterable[str] | None = None, vocab_size: int = 300, whole_tokens: Sequence[str] = ()
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE in memory, with the family's special tokens, the latent tokens and a chat template.
 
     Byte-level pre-tokenization makes every string encodable and decodable back exactly, so generated ids
     always decode to readable text. Chameleon's tokenizer also gets one added token per VQ code.
+    ``whole_tokens`` are strings that become one (ordinary, decodable) token each wherever they occur, e.g. a
+    prompt's fixed option lines: shorter sequences for a tiny model trained on a CPU.
     """
     _check_family(family)
     is_chameleon = family == "chameleon"
@@ -193,6 +195,8 @@ def build_tokenizer(
     )
     if is_chameleon:
         tokenizer.add_tokens([code_token_name(code) for code in range(_CHAMELEON_NUM_CODES)])
+    if whole_tokens:
+        tokenizer.add_tokens([AddedToken(text, normalized=False) for text in whole_tokens])
     return tokenizer
 
 
@@ -354,6 +358,7 @@ def build_tiny(
     corpus: Iterable[str] | None = None,
     vocab_size: int = 300,
     dtype: torch.dtype = torch.float32,
+    whole_tokens: Sequence[str] = (),
 ) -> TinyBundle:
     """Build a random tiny model of `family` with a tokenizer and processor that agree with its config.
 
@@ -366,7 +371,7 @@ def build_tiny(
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise ValueError(f"need num_kv_heads | num_heads | hidden_size, got {num_kv_heads}, {num_heads}, {hidden_size}")
     image_size = image_size or _default_image_size(family)
-    tokenizer = build_tokenizer(family, corpus=corpus, vocab_size=vocab_size)
+    tokenizer = build_tokenizer(family, corpus=corpus, vocab_size=vocab_size, whole_tokens=whole_tokens)
     processor = build_processor(family, tokenizer, image_size=image_size)
     sizes = _Sizes(hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size)
     if family == "chameleon":

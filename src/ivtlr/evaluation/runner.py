@@ -78,7 +78,7 @@ def prediction_record(example: Example, answer: Answer, seconds: float, rule: Ex
         id=example.id, choices=example.choices, answer=example.answer,
         question=format_prompt_text(example.question, example.choices), generated_text=answer.text,
         n_generated_tokens=answer.n_tokens, seconds=seconds, rule=rule, domain=str(meta.get("domain") or ""),
-        topic=str(meta.get("topic") or ""), groups=groups)
+        topic=str(meta.get("topic") or ""), selected=[step.tolist() for step in answer.selected], groups=groups)
 
 
 def group_keys_for(examples: Sequence[Example]) -> tuple[str, ...]:

@@ -1,0 +1,224 @@
+"""The demo's report: each variant's numbers with confidence intervals, where its latent vision looked, the targets,
+and the markdown / JSON / PNG files.
+
+Everything here is computed from what the evaluation harness wrote (predictions JSONL and summaries) and from the
+puzzles themselves, so the report adds nothing to and drops nothing from the harness's records.
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from .demo_data import DigitPuzzle
+
+#: The report's rows, in the paper's order: baselines, then the two ablations, then the method.
+VARIANTS = ("nocot", "cot", "latent_text_only", "latent_vision_only", "ivtlr")
+VARIANT_LABELS = {
+    "nocot": "No-CoT",
+    "cot": "CoT",
+    "latent_text_only": "latent text only (Coconut, K=0)",
+    "latent_vision_only": "latent vision only",
+    "ivtlr": "IVT-LR",
+}
+LATENT_VARIANTS = ("latent_text_only", "latent_vision_only", "ivtlr")
+#: Acceptance targets on the test split: IVT-LR >= CoT - 1 point, >= No-CoT + 20 points, above both ablations, and
+#: at most a quarter of CoT's AR steps.
+TARGET_SLACK_UNDER_COT = 0.01
+TARGET_MARGIN_OVER_NOCOT = 0.20
+TARGET_AR_FRACTION_OF_COT = 0.25
+Z_95 = 1.959963984540054
+
+
+def wilson_interval(correct: int, total: int, z: float = Z_95) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion: it stays inside [0, 1] and is honest at 0 or n successes."""
+    if total <= 0:
+        return 0.0, 1.0
+    p = correct / total
+    denominator = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denominator
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def cell_of_token(token: int, grid_hw: tuple[int, int], grid: int) -> int:
+    """The puzzle cell (row-major) an image token lies in, on a token grid that tiles the puzzle's cells evenly."""
+    rows, cols = grid_hw
+    row, col = divmod(token, cols)
+    return (row * grid // rows) * grid + col * grid // cols
+
+
+def look_rates(records: Sequence[Mapping], puzzles: Mapping[str, DigitPuzzle], grid_hw: tuple[int, int]
+               ) -> list[dict[str, float]]:
+    """Per latent step: the share of its inserted patches that lie in the cell the matching written step reads, and
+    the share K patches drawn at random among those still selectable would give (chosen patches are never inserted
+    twice, so later steps draw from fewer)."""
+    n_steps = max((len(r.get("selected") or []) for r in records), default=0)
+    hits, chance, counted = [0.0] * n_steps, [0.0] * n_steps, [0] * n_steps
+    n_tokens = grid_hw[0] * grid_hw[1]
+    for record in records:
+        puzzle = puzzles[record["id"]]
+        cells = [cell_of_token(t, grid_hw, puzzle.grid) for t in range(n_tokens)]
+        taken: set[int] = set()
+        for step, indices in enumerate(record.get("selected") or []):
+            right_cell = puzzle.step_cells[step] if step < len(puzzle.step_cells) else None
+            if right_cell is None or not indices:
+                taken.update(indices)
+                continue
+            hits[step] += sum(cells[i] == right_cell for i in indices) / len(indices)
+            free = [t for t in range(n_tokens) if t not in taken]
+            chance[step] += sum(cells[t] == right_cell for t in free) / len(free)
+            counted[step] += 1
+            taken.update(indices)
+    return [{"step": s + 1, "rate": hits[s] / counted[s], "chance": chance[s] / counted[s], "questions": counted[s]}
+            for s in range(n_steps) if counted[s]]
+
+
+def read_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def variant_row(records_test: Sequence[Mapping], summary_test: dict, summary_val: dict, train_seconds: float,
+                puzzles: Mapping[str, DigitPuzzle], grid_hw: tuple[int, int]) -> dict:
+    """The report's numbers for one variant: test accuracy with its 95 % interval, AR steps (generated tokens),
+    s/question, validation accuracy and, for latent variants, where each latent step looked."""
+    test, val = summary_test["overall"], summary_val["overall"]
+    correct = sum(bool(r["correct"]) for r in records_test)
+    low, high = wilson_interval(correct, len(records_test))
+    return {"accuracy": test["accuracy"], "accuracy_ci95": [low, high], "ar_steps": test["avg_generated_tokens"],
+            "seconds_per_question": test["seconds_per_question"], "validation_accuracy": val["accuracy"],
+            "test_questions": test["count"], "unanswered": test["unanswered"],
+            "looked_at_right_cell": look_rates(records_test, puzzles, grid_hw), "train_seconds": train_seconds}
+
+
+def target_checks(rows: Mapping[str, Mapping]) -> dict[str, bool]:
+    """The acceptance targets, on the test split."""
+    ivtlr, cot, nocot = rows["ivtlr"], rows["cot"], rows["nocot"]
+    return {
+        "ivtlr_accuracy_at_least_cot_minus_1_point": ivtlr["accuracy"] >= cot["accuracy"] - TARGET_SLACK_UNDER_COT,
+        "ivtlr_accuracy_at_least_nocot_plus_20_points":
+            ivtlr["accuracy"] >= nocot["accuracy"] + TARGET_MARGIN_OVER_NOCOT,
+        "ivtlr_above_latent_text_only": ivtlr["accuracy"] > rows["latent_text_only"]["accuracy"],
+        "ivtlr_above_latent_vision_only": ivtlr["accuracy"] > rows["latent_vision_only"]["accuracy"],
+        "ivtlr_ar_steps_at_most_a_quarter_of_cot": ivtlr["ar_steps"] <= TARGET_AR_FRACTION_OF_COT * cot["ar_steps"],
+    }
+
+
+def _looks(row: Mapping) -> str:
+    looks = row.get("looked_at_right_cell") or []
+    return " / ".join(f"{step['step']}: {100 * step['rate']:.0f}" for step in looks) if looks else "-"
+
+
+def results_table(report: Mapping) -> str:
+    """The markdown table of every variant's numbers."""
+    lines = ["| variant | test accuracy (%) | 95 % CI | validation (%) | AR steps | s/question | right cell by "
+             "latent step (%) | training (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for variant, row in report["variants"].items():
+        low, high = row["accuracy_ci95"]
+        lines.append(f"| {VARIANT_LABELS[variant]} | {100 * row['accuracy']:.1f} | {100 * low:.1f}-{100 * high:.1f} | "
+                     f"{100 * row['validation_accuracy']:.1f} | {row['ar_steps']:.1f} | "
+                     f"{row['seconds_per_question']:.4f} | {_looks(row)} | {row['train_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def chance_line(report: Mapping) -> str:
+    """What K random patches would give per step (from IVT-LR's own exclusions)."""
+    looks = report["variants"].get("ivtlr", {}).get("looked_at_right_cell") or []
+    return " / ".join(f"{step['step']}: {100 * step['chance']:.0f}" for step in looks) if looks else "-"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (figures depend on it: name it with every figure)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def minutes(seconds: float) -> str:
+    whole = max(0, round(seconds))
+    return f"{whole // 60}m{whole % 60:02d}s"
+
+
+def markdown_report(report: Mapping) -> str:
+    recipe = report["recipe"]
+    phases = ", ".join(f"{name} {minutes(seconds)}" for name, seconds in report["phase_seconds"].items())
+    lines = ["# IVT-LR demo: following pointers through handwritten digits, tiny Qwen2-VL trained on a CPU", "",
+             f"{recipe['n_train']} training, {recipe['n_val']} validation and {recipe['n_test']} test questions "
+             f"({'quick smoke run' if report['quick'] else 'full recipe'}, seed {report['seed']}); wall time "
+             f"{minutes(report['wall_seconds'])} on {report['cpu']} with {report['workers']} parallel run(s) of "
+             f"{report['threads_per_worker']} thread(s) ({phases}).", "", results_table(report), "",
+             "Test accuracy with its 95 % Wilson interval. AR steps: generated tokens per question (EOS included). "
+             f"s/question: generation wall time per question in batches of {recipe['eval_batch_size']}. Right cell: "
+             "the share of the patches each latent step inserted that lie in the cell the matching written step "
+             f"reads (K random selectable patches would give {chance_line(report)} %). Training (s) excludes the "
+             f"shared runs: visual pre-training ({recipe['pretrain_epochs']} epochs, "
+             f"{report['pretraining']['train_seconds']:.0f} s; it reads the named cell's digit in "
+             f"{100 * report['pretraining']['reading_validation_accuracy']:.1f} % of validation images) and, for CoT "
+             f"and the latent variants, stage 0 ({recipe['stage0_epochs']} epochs, {report['stage0_seconds']:.0f} s).",
+             "", "Targets (test split):", ""]
+    lines += [f"- {name.replace('_', ' ')}: {'met' if met else 'NOT met'}" for name, met in report["targets"].items()]
+    lines += ["", f"![training curves]({report['files']['training_curve']})", "",
+              "Image cells each latent step of IVT-LR inserted, for a few test questions (the legend names the cell "
+              "the written step reads):", ""]
+    lines += [f"![{Path(p).stem}]({p})" for p in report["files"]["explain"]]
+    return "\n".join(lines) + "\n"
+
+
+def read_loss_curve(metrics_path: Path, first_epoch: int, resume_epoch: int) -> tuple[list[float], list[float]]:
+    """(epochs into the whole schedule, loss) per optimizer step, from a run's ``metrics.jsonl``."""
+    records = read_records(metrics_path)
+    per_epoch: dict[int, int] = {}
+    for record in records:
+        per_epoch[record["epoch"]] = per_epoch.get(record["epoch"], 0) + 1
+    seen: dict[int, int] = {}
+    xs, ys = [], []
+    for record in records:
+        epoch = record["epoch"]
+        seen[epoch] = seen.get(epoch, 0) + 1
+        xs.append(first_epoch + epoch - resume_epoch + seen[epoch] / per_epoch[epoch])
+        ys.append(record["loss"])
+    return xs, ys
+
+
+def running_mean(values: Sequence[float], window: int) -> list[float]:
+    """Mean of each value and the ``window - 1`` before it (fewer at the start)."""
+    out, total = [], 0.0
+    for index, value in enumerate(values):
+        total += value - (values[index - window] if index >= window else 0.0)
+        out.append(total / min(index + 1, window))
+    return out
+
+
+def plot_training_curves(curves: Mapping[str, tuple[list[float], list[float]]], stage_starts: Sequence[float],
+                         path: Path) -> Path:
+    """Training loss against epochs, one line per run (a running mean over a tenth of an epoch), dotted lines where
+    latent stages begin."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(9, 4.8))
+    for label, (xs, ys) in curves.items():
+        steps_per_epoch = sum(1 for x in xs if x <= xs[0] + 1) or 1
+        axes.plot(xs, running_mean(ys, max(1, steps_per_epoch // 10)), label=label, linewidth=1.2)
+    for stage, start in enumerate(stage_starts, start=1):
+        axes.axvline(start, color="grey", linestyle=":", linewidth=1)
+        axes.text(start, 0.02, f" stage {stage}", transform=axes.get_xaxis_transform(), fontsize=8, rotation=90,
+                  va="bottom")
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("training loss (per labelled token)")
+    axes.set_yscale("log")
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes.set_title("IVT-LR demo: training loss")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
