@@ -101,6 +101,9 @@ def test_resume_skips_written_ids_and_redoes_a_torn_line(tmp_path):
     assert sorted(r["id"] for r in records[2:]) == sorted(rows[i]["id"] for i in (1, 2, 4))
     assert len(records) == summary["overall"]["count"] == 5
     assert summary["overall"]["correct"] == sum(r["correct"] for r in records)
+    # Every answer rule re-scores the same records; the configured one comes first and equals the overall accuracy.
+    assert list(summary["accuracy_by_rule"]) == ["original", "m3cot", "ivtlr_loose"]
+    assert summary["accuracy_by_rule"]["original"] == summary["overall"]["accuracy"]
     content = predictions.read_bytes()
     run_eval(config, out)  # everything answered: nothing is generated or written
     assert predictions.read_bytes() == content

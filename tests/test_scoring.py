@@ -6,7 +6,10 @@ import pytest
 
 from ivtlr.scoring import (
     PredictionRecord,
+    accuracy_by_rule,
     append_jsonl,
+    is_correct,
+    loose_candidates,
     extract_answer,
     format_summary_table,
     load_done_ids,
@@ -260,3 +263,56 @@ def test_resume_skips_done_ids(tmp_path):
 
     ids = [flat["id"] for flat in read_jsonl(path)]
     assert ids == ["1", "2", "3", "4", "5"]
+
+
+PROMPT = "[Question]:Which animal is shown?\n[Options]:\n(A).cat\n(B).dog\n(C).bird\n(D).fish\nAnswer:\n"
+
+
+@pytest.mark.parametrize(
+    ("decoded", "candidates"),
+    [
+        # The research scripts decode prompt and output together: the output's first letter follows "Answer:".
+        (PROMPT + "Therefore, the answer is B", ["T", "B"]),
+        (PROMPT + "7 in the red cell. Therefore, the answer is B", ["B"]),  # a digit after "Answer:" names nothing
+        # The chat template's role word after the prompt's "Answer:" is dropped before reading.
+        ("Options: A. cat\nAnswer:\nassistant\nC is right. the answer is D", ["C", "D"]),
+        # Several "answer is" phrases: every one counts.
+        ("the answer is A. No wait, the answer is C.", ["A", "C"]),
+        # Any case, read as a capital; extra whitespace and newlines after the phrase.
+        ("THE ANSWER IS d", ["D"]),
+        ("the   answer\nis \n b", ["B"]),
+        ("answer: c", ["C"]),
+        # A bracketed letter is not read (a letter must follow the phrase directly), nor a phrase without a letter.
+        ("The answer is (B).", []),
+        ("The answer is 42", []),
+    ],
+)
+def test_ivtlr_loose_reads_every_letter_after_an_answer_phrase(decoded, candidates):
+    assert loose_candidates(decoded) == candidates
+
+
+def test_ivtlr_loose_counts_the_gold_letter_if_any_candidate_names_it():
+    # An output starting with a letter word is "right" when that letter is the gold one: the rule's known leniency.
+    assert is_correct(PROMPT, "Because the dog barks, the answer is A", FOUR, "B", "ivtlr_loose")
+    assert is_correct(PROMPT, "Because the dog barks, the answer is A", FOUR, "A", "ivtlr_loose")
+    assert not is_correct(PROMPT, "Because the dog barks, the answer is A", FOUR, "C", "ivtlr_loose")
+    assert not is_correct(PROMPT, "Because the dog barks, the answer is A", FOUR, "B", "original")
+    record = PredictionRecord.from_generation(id=1, choices=FOUR, answer="B", question=PROMPT,
+                                              generated_text="Because ... the answer is A", n_generated_tokens=5,
+                                              seconds=0.1, rule="ivtlr_loose")
+    assert record.correct and record.prediction == "B"
+
+
+def test_accuracy_by_rule_rescores_every_record_with_the_configured_rule_first():
+    records = [
+        PredictionRecord.from_generation(id=i, choices=FOUR, answer=gold, question=PROMPT, generated_text=text,
+                                         n_generated_tokens=5, seconds=0.1)
+        for i, (gold, text) in enumerate([
+            ("B", "Therefore, the answer is B"),  # right under every rule
+            ("D", "dog, so the answer is (B)"),  # original: B; m3cot: (B); loose: the output's first letter "d"
+            ("A", "I would say dog"),  # original: none; m3cot: the option text "dog" -> B; loose: "I"
+        ])
+    ]
+    assert accuracy_by_rule(records, "m3cot") == {"m3cot": pytest.approx(1 / 3), "original": pytest.approx(1 / 3),
+                                                   "ivtlr_loose": pytest.approx(2 / 3)}
+    assert list(accuracy_by_rule(records)) == ["original", "m3cot", "ivtlr_loose"]

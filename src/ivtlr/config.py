@@ -26,7 +26,7 @@ LatentGrad = Literal["detach", "full"]
 PatchOrder = Literal["position", "score", "topk"]
 Mode = Literal["ivtlr", "cot", "nocot", "latent_text_only", "latent_vision_only"]
 Logger = Literal["jsonl", "tensorboard", "wandb"]
-AnswerRule = Literal["original", "m3cot"]
+AnswerRule = Literal["original", "m3cot", "ivtlr_loose"]
 DataFiles = Union[str, list[str], dict[str, Union[str, list[str]]]]
 
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

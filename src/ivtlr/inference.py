@@ -22,7 +22,7 @@ from .evaluation.loading import (LoadedModel, add_device_argument, add_model_arg
                                  resolve_device)
 from .evaluation.runner import GenerationSettings, generate_answers
 from .explain import save_selection_png
-from .scoring import extract_answer
+from .scoring import EXTRACTION_RULES, extract_answer
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=None,
                         help="resize the image to this square first (default: the checkpoint's training size)")
-    parser.add_argument("--answer-rule", choices=("original", "m3cot"), default="original")
+    parser.add_argument("--answer-rule", choices=EXTRACTION_RULES, default="original")
     parser.add_argument("--explain", type=Path, metavar="OUT.png", help="draw each latent step's patches")
     add_device_argument(parser)
 

@@ -20,7 +20,9 @@ from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
 
-ExtractionRule = Literal["original", "m3cot"]
+ExtractionRule = Literal["original", "m3cot", "ivtlr_loose"]
+#: Every rule, in the order summaries list them after the configured one.
+EXTRACTION_RULES: tuple[ExtractionRule, ...] = ("original", "m3cot", "ivtlr_loose")
 
 # "the answer is B", "The final answer is: (c)", "Answer:\n B." -- the phrase, an optional
 # opening bracket, then a letter that is not the start of a word ("Answer: The ..." is no answer).
@@ -31,6 +33,9 @@ _ANSWER_AFTER_PHRASE = re.compile(
 # After these, a lower-case letter is read as an option ("is b." / "is c)"), not the article "a".
 _LOWERCASE_LETTER_ENDINGS = frozenset(").]}:,;!?\n")
 _PARENTHESISED_LETTER = re.compile(r"\(([A-Za-z])\)")
+# The IVT-LR research scripts' rule, see `loose_candidates`.
+_LOOSE_ROLE_WORD = re.compile(r"(?<=answer:)\s*(?:\n+\s*)?assistant\b", re.IGNORECASE)
+_LOOSE_LETTER = re.compile(r"(?:the\s+answer\s+is|answer:)\s*([a-z])", re.IGNORECASE)
 _M3COT_WORD_SEPARATORS = re.compile(r"[\n.,!?]")
 
 
@@ -51,13 +56,42 @@ def extract_answer(text: str, choices: Sequence[str], rule: ExtractionRule = "or
     such phrase in the decoded prompt+output (and missed "(B)"); a single prediction is stricter.
 
     ``"m3cot"``: the official M3CoT scorer's ``judge_answer`` cascade, see :func:`_extract_m3cot`.
+
+    ``"ivtlr_loose"`` names a set of letters rather than one (see :func:`loose_candidates`): use
+    :func:`is_correct`, which scores every rule; here it returns the last letter the rule finds.
     """
     letters = option_letters(len(choices))
     if rule == "original":
         return _extract_after_answer_phrase(text, letters)
     if rule == "m3cot":
         return _extract_m3cot(text, choices, letters)
-    raise ValueError(f"unknown answer-extraction rule {rule!r}; expected 'original' or 'm3cot'")
+    if rule == "ivtlr_loose":
+        found = loose_candidates(text)
+        return found[-1] if found else None
+    raise ValueError(f"unknown answer-extraction rule {rule!r}; expected one of {EXTRACTION_RULES}")
+
+
+def loose_candidates(decoded: str) -> list[str]:
+    """The IVT-LR research scripts' scoring rule, which the paper's accuracies used: every letter (any case, read as a
+    capital) that follows "the answer is" or "Answer:" anywhere in the decoded text, in text order.
+
+    The scripts decode prompt and output together, so the prompt's closing "Answer:" counts too: they first drop the
+    chat template's "assistant" role word after it, and the first letter of the output then follows it ("Answer:\n
+    Therefore, ..." names T). A question is right when the gold letter is among the candidates, so an output naming
+    several letters can be right with any of them.
+    """
+    cleaned = _LOOSE_ROLE_WORD.sub("", decoded)
+    return [match[1].upper() for match in _LOOSE_LETTER.finditer(cleaned)]
+
+
+def is_correct(question: str, generated_text: str, choices: Sequence[str], answer: str, rule: ExtractionRule) -> bool:
+    """Whether ``rule`` scores the output right. ``ivtlr_loose`` reads the prompt and the output together, as the
+    research scripts decoded them; the other rules read the output only."""
+    gold = answer.strip().upper()
+    if rule == "ivtlr_loose":
+        return gold in loose_candidates(f"{question}{generated_text}")
+    prediction = extract_answer(generated_text, choices, rule)
+    return prediction is not None and prediction == gold
 
 
 def _extract_after_answer_phrase(text: str, letters: Sequence[str]) -> str | None:
@@ -140,14 +174,19 @@ class PredictionRecord:
         groups: Mapping[str, str] | None = None,
     ) -> PredictionRecord:
         """Score one generated output; ``answer`` is the gold option letter."""
-        prediction = extract_answer(generated_text, choices, rule)
+        correct = is_correct(question, generated_text, choices, answer, rule)
+        if rule == "ivtlr_loose":
+            found = loose_candidates(f"{question}{generated_text}")
+            prediction = answer.strip().upper() if correct else (found[-1] if found else None)
+        else:
+            prediction = extract_answer(generated_text, choices, rule)
         return cls(
             id=str(id),
             choices=list(choices),
             answer=answer,
             messages=[question, generated_text],
             prediction=prediction,
-            correct=prediction is not None and prediction == answer.strip().upper(),
+            correct=correct,
             n_generated_tokens=n_generated_tokens,
             seconds=seconds,
             domain=domain,
@@ -267,6 +306,14 @@ def load_done_ids(path: str | os.PathLike[str]) -> set[str]:
     if not Path(path).exists():
         return set()
     return {str(flat["id"]) for flat in read_jsonl(path)}
+
+
+def accuracy_by_rule(records: Sequence[PredictionRecord], first: ExtractionRule = "original") -> dict[str, float]:
+    """Overall accuracy of the records re-scored under every rule, ``first`` (the configured one) first: the strict
+    rule, the official M3CoT scorer's and the research scripts' loose one can differ by tens of points."""
+    order = (first, *(rule for rule in EXTRACTION_RULES if rule != first))
+    return {rule: (sum(is_correct(r.messages[0], r.messages[-1], r.choices, r.answer, rule) for r in records)
+                   / len(records) if records else 0.0) for rule in order}
 
 
 def summarize(records: Sequence[PredictionRecord], group_keys: Sequence[str] = ()) -> dict[str, Any]:

@@ -90,5 +90,6 @@ def run(args: argparse.Namespace) -> int:
     summary_path.parent.mkdir(parents=True, exist_ok=True)
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     logger.info("wrote %s", summary_path)
-    print(format_summary_table(summary))  # noqa: T201 - the command's result
+    rules = ", ".join(f"{rule} {100 * accuracy:.2f} %" for rule, accuracy in summary["accuracy_by_rule"].items())
+    print(f"{format_summary_table(summary)}\n\naccuracy by answer rule: {rules}")  # noqa: T201 - the command's result
     return 0

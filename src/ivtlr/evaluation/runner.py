@@ -18,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import Example, build_generation_batch, format_prompt_text
-from ..scoring import (ExtractionRule, PredictionRecord, append_jsonl, load_done_ids, read_predictions,
-                       scienceqa_context_type, summarize)
+from ..scoring import (ExtractionRule, PredictionRecord, accuracy_by_rule, append_jsonl, load_done_ids,
+                       read_predictions, scienceqa_context_type, summarize)
 from .loading import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -142,5 +142,7 @@ def _records_of(predictions_path: str | Path, ids: set[str]) -> list[PredictionR
 
 def evaluation_summary(records: Sequence[PredictionRecord], group_keys: Sequence[str], run: dict[str, Any]
                        ) -> dict[str, Any]:
-    """:func:`ivtlr.scoring.summarize` plus what produced the numbers."""
-    return {"run": dict(run), **summarize(records, group_keys)}
+    """:func:`ivtlr.scoring.summarize` plus what produced the numbers and the accuracy under every answer rule (the
+    run's own first)."""
+    rule = run.get("answer_rule", "original")
+    return {"run": dict(run), **summarize(records, group_keys), "accuracy_by_rule": accuracy_by_rule(records, rule)}
