@@ -24,6 +24,8 @@ import transformers
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
+from ivtlr.machine import cpu_model_name
+
 if TYPE_CHECKING:
     from ivtlr.tiny import TinyBundle
 
@@ -173,16 +175,6 @@ def measure_all(fns: Mapping[str, Callable[[], object]], device: torch.device, w
         logger.info("%s: %.1f ms/step (median of %d), peak %.1f MiB", name, results[name].median_ms, repeats,
                     results[name].peak_mib)
     return results
-
-
-def cpu_model_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_average() -> float:

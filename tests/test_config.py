@@ -308,3 +308,36 @@ def test_cpu_ddp_config_starts_two_communicating_processes(tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert json.loads(result_file.read_text()) == {"num_processes": 2, "type": "DistributedType.MULTI_CPU",
                                                    "total": 3.0}
+
+
+@pytest.mark.parametrize(("override", "named"), [
+    ("batch_size_training=0", "batch_size_training must be >= 1"),
+    ("gradient_accumulation_steps=0", "gradient_accumulation_steps must be >= 1"),
+    ("epochs_per_stage=0", "epochs_per_stage must be >= 1"),
+    ("lr=0", "lr must be > 0"),
+    ("eval.n_latent=-1", "eval.n_latent must be >= 0"),
+    ("eval.max_new_tokens=0", "eval.max_new_tokens must be >= 1"),
+    ("eval.batch_size=0", "eval.batch_size must be >= 1"),
+    ("max_latent_stage=0", "trains no latent step"),
+])
+def test_values_a_run_cannot_use_are_refused_before_anything_loads(override, named):
+    with pytest.raises(ConfigError, match=named.replace("(", r"\(")):
+        load_config(CONFIGS / "tiny_cpu.yaml", [override])
+
+
+def test_a_latent_free_mode_may_have_no_latent_stage_and_defaults_pass():
+    assert load_config(CONFIGS / "tiny_cpu.yaml", ["mode=cot", "max_latent_stage=0"]).max_latent_stage == 0
+    assert Config().check_values() == Config()
+
+
+def test_cli_reports_a_user_error_in_one_line_with_exit_2(capsys, monkeypatch):
+    from ivtlr.cli import main
+
+    monkeypatch.delenv("IVTLR_DEBUG", raising=False)
+    assert main(["train", str(CONFIGS / "tiny_cpu.yaml"), "batch_size_training=0"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1] == "ivtlr train: error: batch_size_training must be >= 1, got 0"
+    assert not any("Traceback" in line for line in error)
+    monkeypatch.setenv("IVTLR_DEBUG", "1")
+    with pytest.raises(ConfigError):
+        main(["train", str(CONFIGS / "tiny_cpu.yaml"), "batch_size_training=0"])

@@ -156,10 +156,12 @@ def _m3cot_with(defect: str) -> list[dict]:
         bad["image"] = "images/not-there.png"
     elif defect == "corrupt image":
         bad["image"] = png_bytes(bad["image"])[:60]
+    elif defect == "empty question":
+        bad["question"] = "  "
     return rows
 
 
-DEFECTS = ("no options", "answer outside the options", "missing image", "corrupt image")
+DEFECTS = ("no options", "answer outside the options", "missing image", "corrupt image", "empty question")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -176,6 +178,28 @@ def test_defective_row_is_skipped_and_counted(tmp_path, fmt, defect, caplog):
 def test_defective_row_raises_naming_it_when_strict(tmp_path, fmt, defect):
     files = {"train": write_rows(tmp_path, "train", _m3cot_with(defect), "m3cot", fmt)}
     with pytest.raises(ValueError, match=f"example 'digits-train-1': {defect}"):
+        load(tmp_path, "m3cot", "train", data_files=files, strict=True)
+
+
+def test_options_written_as_one_string_are_not_split_into_characters(tmp_path, caplog):
+    """JSONL keeps such a string as it is (a parquet writer with a list schema would split it on writing)."""
+    rows = m3cot_rows("train", 3)
+    for row in rows:
+        row["choices"] = str(row["choices"])  # "['one', 'two', ...]": a common export mistake
+    files = {"train": write_rows(tmp_path, "train", rows, "m3cot", "jsonl")}
+    assert len(load(tmp_path, "m3cot", "train", data_files=files)) == 0
+    assert "skipped 3 invalid rows: {'options are one string, not a list': 3}" in caplog.text
+
+
+def test_a_second_row_with_an_id_already_seen_is_skipped_and_counted(tmp_path, caplog):
+    """Predictions and resuming are keyed by id: a duplicate would silently vanish from the summary."""
+    rows = m3cot_rows("train", 4)
+    rows[2]["id"] = rows[0]["id"]
+    files = {"train": write_rows(tmp_path, "train", rows, "m3cot", "jsonl")}
+    examples = load(tmp_path, "m3cot", "train", data_files=files)
+    assert [example.id for example in examples] == ["digits-train-0", "digits-train-1", "digits-train-3"]
+    assert "skipped 1 invalid rows: {'duplicate id': 1}" in caplog.text
+    with pytest.raises(ValueError, match="duplicate id: digits-train-0"):
         load(tmp_path, "m3cot", "train", data_files=files, strict=True)
 
 

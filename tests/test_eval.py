@@ -17,7 +17,7 @@ from ivtlr.data import build_generation_batch, format_prompt_text, load_examples
 from ivtlr.evaluation import load_config_model
 from ivtlr.processors import load_processor
 from ivtlr.scoring import read_jsonl
-from schema_files import m3cot_rows, scienceqa_rows, write_m3cot_files, write_scienceqa_files
+from schema_files import m3cot_rows, scienceqa_rows, write_m3cot_files, write_rows, write_scienceqa_files
 from train_runs import train_in_process
 from train_runs import write_config as write_training_config
 
@@ -182,3 +182,17 @@ def test_checkpoint_answers_with_its_final_stage(tmp_path):
     generated = engine.generate(**batch, max_new_tokens=5, return_dict=True)
     assert [r["messages"][1] for r in records] == [
         decode(components.tokenizer, generated.sequences[b, : generated.lengths[b]]) for b in range(len(examples))]
+
+
+def test_no_usable_question_is_an_error_before_any_model_loads(tmp_path, capsys):
+    """Every test row lacks its image (skipped): exit 2 with one line, and the model (a hub id that cannot be reached
+    here) is never loaded, so the data is checked first."""
+    rows = m3cot_rows("test", 2)
+    for row in rows:
+        row["image"] = None
+    files = {"train": write_rows(tmp_path / "data", "train", m3cot_rows("train", 1), "m3cot", "jsonl"),
+             "test": write_rows(tmp_path / "data", "test", rows, "m3cot", "jsonl")}
+    config = write_config(tmp_path, files, model="no-such-org/no-such-model")
+    assert main(["eval", str(config), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "no usable questions in auto split 'test'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -1,6 +1,7 @@
 """``ivtlr infer``: the printed answer, and a picture whose outlined cells are exactly the selected patches."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +83,7 @@ def test_infer_prints_the_answer_and_draws_the_selected_patches(tmp_path, capsys
     assert_outlines(picture, IMAGE_SIZE, grid, selected)
 
 
-def test_infer_from_a_trained_checkpoint(tmp_path, capsys):
+def test_infer_from_a_trained_checkpoint(tmp_path, capsys, caplog):
     """--checkpoint: the run's last stage sets the latent steps and the image size."""
     files = write_m3cot_files(tmp_path / "data", n_train=4, n_test=1)
     checkpoint = latest_checkpoint(train_in_process(write_config(tmp_path, files, num_epochs=2)) / "checkpoints")
@@ -102,6 +103,15 @@ def test_infer_from_a_trained_checkpoint(tmp_path, capsys):
     selected = [step.tolist() for step in out.selected[0]]
     assert meta.image_size == 56 and [len(s) for s in selected] == [meta.num_selected_patches] * meta.n_latent == [2]
     assert_outlines(picture, meta.image_size, engine.image_grid(batch["image_grid_thw"], 0), selected)
+
+    # A picture that cannot be written (its folder is a file) costs a warning, not the answer.
+    unwritable = picture / "steps.png"
+    with caplog.at_level(logging.WARNING, logger="ivtlr.inference"):
+        assert main(["infer", "--checkpoint", str(checkpoint), "--image", str(image_path), "--question", QUESTION,
+                     "--choices", *CHOICES, "--max-new-tokens", "5", "--explain", str(unwritable)]) == 0
+    assert capsys.readouterr().out.splitlines()[-2:] == printed_lines(text, CHOICES)
+    assert any("could not write the --explain picture" in r.getMessage() for r in caplog.records)
+    assert not unwritable.exists()
 
 
 def unnormalise(pixels: torch.Tensor, image_processor) -> np.ndarray:
@@ -137,3 +147,12 @@ def test_processor_view_is_what_the_processor_feeds_the_model(family, size):
     view = np.asarray(processor_view(bundle.processor, image, encoded.get("image_grid_thw"))).astype(float)
     assert view.shape == fed.shape
     assert np.abs(view - fed).max() < 0.01
+
+
+@pytest.mark.parametrize(("option", "value"), [("--max-new-tokens", "-5"), ("--max-new-tokens", "0"),
+                                               ("--n-latent", "-1"), ("--image-size", "0")])
+def test_out_of_range_options_stop_before_loading_anything(tmp_path, capsys, option, value):
+    with pytest.raises(SystemExit) as stop:
+        main(["infer", "--checkpoint", str(tmp_path / "not-there"), "--image", "x.png", "--question", "q",
+              "--choices", "a", "b", option, value])
+    assert stop.value.code == 2 and f"argument {option}: must be at least" in capsys.readouterr().err

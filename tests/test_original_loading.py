@@ -37,6 +37,21 @@ def test_keys_that_do_not_map_are_listed(tmp_path):
         IVTLR.from_original(QWEN / "base", path, num_selected_patches=4, latent_token_id=10)
 
 
+def test_a_state_dict_that_maps_nothing_or_half_an_adapter_is_an_error(tmp_path):
+    """An empty state dict used to evaluate the untrained base model with only an info line."""
+    path = tmp_path / "state.pth"
+    torch.save({}, path)
+    with pytest.raises(OriginalCheckpointError, match="holds no model weights"):
+        IVTLR.from_original(QWEN / "base", path, num_selected_patches=4, latent_token_id=10)
+    state = _state()
+    dropped = next(k for k in state if ".lora_B." in k)
+    del state[dropped]
+    torch.save(state, path)
+    with pytest.raises(OriginalCheckpointError, match="LoRA weights the adapter needs") as error:
+        IVTLR.from_original(QWEN / "base", path, num_selected_patches=4, latent_token_id=10)
+    assert dropped.split(".lora_B.")[0].split("base_model.model.")[-1] in str(error.value)
+
+
 def test_embedding_rows_follow_the_state_dict_vocabulary(tmp_path):
     """Released checkpoints were saved after adding tokens: the model is resized to the state dict's rows."""
     state = _state()

@@ -4,9 +4,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import runpy
 import sys
 from pathlib import Path
+
+from .config import ConfigError
 
 #: command -> (module, help). The module provides ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS = {
@@ -55,7 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     command_parser = argparse.ArgumentParser(prog=f"ivtlr {args.command}", description=COMMANDS[args.command][1])
     module.add_arguments(command_parser)
     # intermixed: `key=value` overrides may follow options (`ivtlr eval CONFIG --checkpoint DIR lr=1e-5`)
-    return int(module.run(command_parser.parse_intermixed_args(rest)) or 0)
+    command_args = command_parser.parse_intermixed_args(rest)
+    try:
+        return int(module.run(command_args) or 0)
+    except ConfigError as error:
+        if args.verbose or os.environ.get("IVTLR_DEBUG") == "1":
+            raise
+        # A user error: one line that says what to fix (the traceback with -v or IVTLR_DEBUG=1).
+        print(f"ivtlr {args.command}: error: {error}", file=sys.stderr)  # noqa: T201 - the command's error
+        return 2
 
 
 if __name__ == "__main__":

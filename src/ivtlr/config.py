@@ -134,6 +134,44 @@ class Config:
         """Plain data (YAML/JSON-safe) that ``from_dict`` turns back into an equal config."""
         return dataclasses.asdict(self)
 
+    def check_values(self) -> Config:
+        """Values the types allow but a run cannot use, refused before anything loads (a zero batch size would fail
+        deep inside a data loader; a negative latent count would silently run with none). Returns the config."""
+        problems = [f"{key} must be {rule}, got {value!r}" for key, value, rule in _range_checks(self)
+                    if value is not None and not _within(value, rule)]
+        if self.mode in LATENT_MODES and self.max_latent_stage < 1:
+            problems.append(f"mode {self.mode!r} with max_latent_stage={self.max_latent_stage} trains no latent "
+                            "step: set max_latent_stage >= 1 (or mode: cot)")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return self
+
+
+#: Modes whose curriculum turns reasoning steps into latent steps.
+LATENT_MODES = ("ivtlr", "latent_text_only", "latent_vision_only")
+
+
+def _range_checks(config: Config) -> list[tuple[str, Any, str]]:
+    """(key, value, rule) for every numeric setting with a lower bound; None values (defaults) are not checked."""
+    return [("batch_size_training", config.batch_size_training, ">= 1"),
+            ("gradient_accumulation_steps", config.gradient_accumulation_steps, ">= 1"),
+            ("num_epochs", config.num_epochs, ">= 1"), ("epochs_per_stage", config.epochs_per_stage, ">= 1"),
+            ("max_latent_stage", config.max_latent_stage, ">= 0"), ("resume", config.resume, ">= 0"),
+            ("latents_per_step", config.latents_per_step, ">= 1"), ("lr", config.lr, "> 0"),
+            ("weight_decay", config.weight_decay, ">= 0"), ("max_grad_norm", config.max_grad_norm, "> 0"),
+            ("warmup_steps", config.warmup_steps, ">= 0"),
+            ("num_selected_patches", config.num_selected_patches, ">= 0"),
+            ("max_length", config.max_length, ">= 1"), ("save_every_steps", config.save_every_steps, ">= 1"),
+            ("keep_last", config.keep_last, ">= 1"), ("num_workers", config.num_workers, ">= 0"),
+            ("dataset.limit", config.dataset.limit, ">= 1"), ("eval.batch_size", config.eval.batch_size, ">= 1"),
+            ("eval.max_new_tokens", config.eval.max_new_tokens, ">= 1"),
+            ("eval.n_latent", config.eval.n_latent, ">= 0")]
+
+
+def _within(value: float, rule: str) -> bool:
+    bound = float(rule.split()[1])
+    return value > bound if rule.startswith("> ") else value >= bound
+
 
 def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config and apply ``key=value`` overrides (dotted keys reach into sections)."""
@@ -142,7 +180,7 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
     config = Config.from_dict(data if data is not None else {})
     for override in overrides:
         apply_override(config, override)
-    return config
+    return config.check_values()
 
 
 def save_config(config: Config, path: str | os.PathLike[str]) -> None:

@@ -44,10 +44,11 @@ from .data.curriculum import format_prompt_text, split_rationale, target_text
 from .data.example import option_letter
 from .demo_data import (DIGIT_CHOICES, FOLLOW_POINTERS, MERGED_PATCH_PX, READ_CELL, DigitPuzzle,
                         compose_digit_puzzles, write_digit_reasoning)
-from .demo_report import LATENT_VARIANTS, VARIANT_LABELS, VARIANTS
+from .demo_report import VARIANT_LABELS, VARIANTS
 from .evaluation import GenerationSettings, evaluate, evaluation_summary, load_checkpoint_model
 from .explain import save_selection_png
 from .inference import answer_question
+from .machine import cpu_model_name
 from .metrics_log import JSONL_FILE
 from .tiny import build_tiny
 
@@ -108,9 +109,9 @@ class DemoRecipe:
 
 FULL = DemoRecipe(n_train=2000, n_val=300, n_test=1000, grid=2, cell_px=56, hidden_size=128, num_layers=2,
                   num_heads=4, num_kv_heads=4, intermediate_size=256, vocab_size=600, initializer_range=0.02,
-                  n_pretrain=2000, reading_warmup_share=0.5, pretrain_epochs=5, stage0_epochs=4, epochs_per_stage=1, max_latent_stage=3,
-                  batch_size=16, lr=1e-3, warmup_steps=50, num_selected_patches=4, eval_batch_size=100,
-                  max_new_tokens=48, n_explained=4)
+                  n_pretrain=2000, reading_warmup_share=0.5, pretrain_epochs=5, stage0_epochs=4, epochs_per_stage=1,
+                  max_latent_stage=3, batch_size=16, lr=1e-3, warmup_steps=50, num_selected_patches=4,
+                  eval_batch_size=100, max_new_tokens=48, n_explained=4)
 #: A smoke run of the whole pipeline (the test suite's): every variant, one epoch per stage, a handful of questions.
 QUICK = replace(FULL, n_train=16, n_val=8, n_test=8, hidden_size=32, intermediate_size=64, num_heads=2,
                 num_kv_heads=2, vocab_size=400, n_pretrain=16, pretrain_epochs=1, stage0_epochs=1, epochs_per_stage=1,
@@ -529,7 +530,7 @@ def run_demo(recipe: DemoRecipe, out: Path, *, seed: int = 0, quick: bool = Fals
     phases = {"data and base model": setup_done - started}
     phases.update({jobs[name].label: result.finished - result.started for name, result in results.items()})
     phases["report"] = time.time() - training_done
-    report = {"quick": quick, "seed": seed, "cpu": report_lib.cpu_model(), "workers": workers,
+    report = {"quick": quick, "seed": seed, "cpu": cpu_model_name(), "workers": workers,
               "threads_per_worker": max(1, cores // workers), "wall_seconds": time.time() - started,
               "phase_seconds": phases, "recipe": asdict(recipe),
               "pretraining": {"reading_validation_accuracy":

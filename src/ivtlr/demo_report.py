@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -128,17 +127,6 @@ def chance_line(report: Mapping) -> str:
     """What K random patches would give per step (from IVT-LR's own exclusions)."""
     looks = report["variants"].get("ivtlr", {}).get("looked_at_right_cell") or []
     return " / ".join(f"{step['step']}: {100 * step['chance']:.0f}" for step in looks) if looks else "-"
-
-
-def cpu_model() -> str:
-    """The CPU's model name (figures depend on it: name it with every figure)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def minutes(seconds: float) -> str:

@@ -108,7 +108,8 @@ def render_selection(
             draw.rectangle(ring_box, outline=colors[step], width=OUTLINE_PX)
     if step_labels is not None and len(step_labels) < len(steps):
         raise ValueError(f"{len(step_labels)} step_labels given for {len(steps)} steps")
-    labels = list(step_labels[: len(steps)]) if step_labels is not None else [f"step {s + 1}" for s in range(len(steps))]
+    labels = ([f"step {s + 1}" for s in range(len(steps))] if step_labels is None
+              else list(step_labels[: len(steps)]))
     return _compose(picture, colors, labels, title)
 
 

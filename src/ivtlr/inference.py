@@ -83,14 +83,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", type=Path, required=True)
     parser.add_argument("--question", required=True)
     parser.add_argument("--choices", nargs="+", required=True, help="the options, in order (A, B, ...)")
-    parser.add_argument("--n-latent", type=int, default=None,
+    parser.add_argument("--n-latent", type=_count(0), default=None,
                         help="latent steps (default: the checkpoint's final stage; 3 for --original)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--image-size", type=int, default=None,
+    parser.add_argument("--max-new-tokens", type=_count(1), default=64)
+    parser.add_argument("--image-size", type=_count(1), default=None,
                         help="resize the image to this square first (default: the checkpoint's training size)")
     parser.add_argument("--answer-rule", choices=EXTRACTION_RULES, default="original")
     parser.add_argument("--explain", type=Path, metavar="OUT.png", help="draw each latent step's patches")
     add_device_argument(parser)
+
+
+def _count(minimum: int):
+    """An argparse type: an integer of at least ``minimum`` (a negative token budget would silently mean none)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,11 +112,14 @@ def run(args: argparse.Namespace) -> int:
         result = answer_question(model, image, args.question, args.choices, n_latent=args.n_latent,
                                  max_new_tokens=args.max_new_tokens, image_size=args.image_size,
                                  rule=args.answer_rule)
+    named = f" ({args.choices[ord(result.answer) - ord('A')]})" if result.answer else ""
+    print(f"generated: {result.text}\nanswer: {result.answer or 'none'}{named}")  # noqa: T201 - the command's result
     if args.explain is not None:
         if result.grid_hw is None or not result.selected:
             logger.warning("no latent vision to draw (no image or no latent steps): %s shows the image only",
                            args.explain)
-        save_selection_png(args.explain, result.seen_image, result.grid_hw or (1, 1), result.selected)
-    named = f" ({args.choices[ord(result.answer) - ord('A')]})" if result.answer else ""
-    print(f"generated: {result.text}\nanswer: {result.answer or 'none'}{named}")  # noqa: T201 - the command's result
+        try:
+            save_selection_png(args.explain, result.seen_image, result.grid_hw or (1, 1), result.selected)
+        except OSError as error:  # the answer is printed already: a picture that cannot be written is not fatal
+            logger.warning("could not write the --explain picture %s: %s", args.explain, error)
     return 0

@@ -111,6 +111,11 @@ def load_original(cls, base_model_dir, state_dict_path, *, num_selected_patches:
         original_args.setdefault("eos_token_id", tokenizer.eos_token_id)
     state = read_original_state_dict(state_dict_path)
     base_sd, lora_sd, wrapper_sd, unknown = split_state_dict(state)
+    if not base_sd and not lora_sd and not unknown:
+        # Evaluating the untrained base model under the checkpoint's name would be a silently wrong result.
+        raise OriginalCheckpointError(f"{state_dict_path} holds no model weights ({len(state)} keys: "
+                                      f"{sorted(state)[:20]}): expected the original wrapper's LoRA and base weights "
+                                      f"under {WRAPPER_PREFIX!r}")
     if unknown:
         raise OriginalCheckpointError(f"{len(unknown)} keys are not in the original wrapper's layout "
                                       f"(expected prefix {WRAPPER_PREFIX!r}): {unknown[:20]}")
@@ -158,6 +163,10 @@ def load_original(cls, base_model_dir, state_dict_path, *, num_selected_patches:
         result = model.load_state_dict(peft_keys, strict=False)
         if result.unexpected_keys:
             raise OriginalCheckpointError(f"LoRA keys did not map: {result.unexpected_keys[:20]}")
+        lora_missing = sorted(k for k in result.missing_keys if ".lora_" in k)
+        if lora_missing:  # an adapter half loaded would keep random LoRA rows: name what is missing
+            raise OriginalCheckpointError(f"{len(lora_missing)} LoRA weights the adapter needs are not in the state "
+                                          f"dict: {lora_missing[:20]}")
     model.eval()
     ivtlr_kwargs = {k: ids[k] for k in ("eos_token_id", "start_latent_id", "end_latent_id") if k in ids}
     ivtlr_kwargs.update(kwargs)

@@ -46,11 +46,20 @@ class _Part:
 
 def _choices(row: Mapping[str, Any]) -> list[str]:
     choices = row.get("choices")
+    if isinstance(choices, str):  # iterating it would make every character an option
+        raise InvalidExample("options are one string, not a list", repr(choices[:40]))
     if not choices:
         raise InvalidExample("no options")
     if len(choices) > len(OPTION_LETTERS):
         raise InvalidExample("too many options", f"{len(choices)} options, more than there are letters")
     return [str(choice) for choice in choices]
+
+
+def _question(row: Mapping[str, Any]) -> str:
+    question = str(row.get("question") or "")
+    if not question.strip():
+        raise InvalidExample("empty question")
+    return question
 
 
 def _require_answer(valid: bool, detail: str) -> None:
@@ -85,7 +94,7 @@ def _m3cot_example(row: Mapping[str, Any], split: str, row_index: int, use_conte
     return Example(
         image=None,
         id=_row_id(row, split, row_index),
-        question=_with_context(str(row.get("question") or ""), context, use_context),
+        question=_with_context(_question(row), context, use_context),
         choices=choices,
         answer=answer,
         rationale=str(row.get("rationale") or ""),
@@ -115,7 +124,7 @@ def _scienceqa_example(row: Mapping[str, Any], split: str, row_index: int, use_c
     return Example(
         image=None,
         id=_row_id(row, split, row_index),
-        question=_with_context(str(row.get("question") or ""), hint, use_context),
+        question=_with_context(_question(row), hint, use_context),
         choices=choices,
         answer=option_letter(answer_index),
         rationale=" ".join(explanation) if explanation else choices[answer_index],
@@ -263,12 +272,16 @@ def load_examples(
     records: list[Example] = []
     encoded_images: list[bytes | None] = []
     skipped: Counter[str] = Counter()
+    seen_ids: set[str] = set()
     no_image = 0
     for row_index, (row, image_root) in enumerate(_rows(parts)):
         if limit is not None and len(records) >= limit:
             break
         try:
             record = row_to_example(row, split, row_index, use_context)
+            if record.id in seen_ids:  # predictions and resuming are keyed by id: a second row would be lost
+                raise InvalidExample("duplicate id", record.id)
+            seen_ids.add(record.id)
             encoded = _read_image_bytes(row.get("image"), image_root)
             if encoded is not None:
                 _check_decodes(encoded)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, load_config
+from ..config import Config, ConfigError, load_config
 from ..data import ExampleSequence, load_examples
 from ..scoring import format_summary_table
 from ..training.datasets import resolve_source
@@ -67,11 +67,14 @@ def run_label(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     device = resolve_device(args.device)
+    examples = load_eval_examples(config)  # the data is checked before a model is loaded
+    if not len(examples):
+        raise ConfigError(f"no usable questions in {config.dataset.source} split {config.dataset.eval_split!r} "
+                          f"(data_files={config.dataset.data_files}); the warnings above name the skipped rows")
     model = load_model(args, config, device)
     n_latent = model.n_latent(config.eval.n_latent, fallback=config.max_latent_stage)
     settings = GenerationSettings(n_latent=n_latent, max_new_tokens=config.eval.max_new_tokens,
                                   image_size=model.image_size)
-    examples = load_eval_examples(config)
     stem = f"{run_label(args)}_{config.dataset.eval_split}_{model.mode}_latent{n_latent}"
     out = args.out if args.out is not None else config.run_dir / "eval"
     predictions, summary_path = out / f"predictions_{stem}.jsonl", out / f"summary_{stem}.json"

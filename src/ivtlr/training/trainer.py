@@ -286,4 +286,4 @@ def _reset_optimizer_state(optimizer) -> None:
 
 def train(config: Config) -> TrainResult:
     """Run a training configuration to its end (or continue it from its newest checkpoint)."""
-    return Trainer(config).train()
+    return Trainer(config.check_values()).train()
