@@ -314,7 +314,7 @@ def test_cpu_ddp_config_starts_two_communicating_processes(tmp_path):
     ("batch_size_training=0", "batch_size_training must be >= 1"),
     ("gradient_accumulation_steps=0", "gradient_accumulation_steps must be >= 1"),
     ("epochs_per_stage=0", "epochs_per_stage must be >= 1"),
-    ("lr=0", "lr must be > 0"),
+    ("lr=-1e-4", "lr must be >= 0"),
     ("eval.n_latent=-1", "eval.n_latent must be >= 0"),
     ("eval.max_new_tokens=0", "eval.max_new_tokens must be >= 1"),
     ("eval.batch_size=0", "eval.batch_size must be >= 1"),

@@ -157,7 +157,7 @@ def _range_checks(config: Config) -> list[tuple[str, Any, str]]:
             ("gradient_accumulation_steps", config.gradient_accumulation_steps, ">= 1"),
             ("num_epochs", config.num_epochs, ">= 1"), ("epochs_per_stage", config.epochs_per_stage, ">= 1"),
             ("max_latent_stage", config.max_latent_stage, ">= 0"), ("resume", config.resume, ">= 0"),
-            ("latents_per_step", config.latents_per_step, ">= 1"), ("lr", config.lr, "> 0"),
+            ("latents_per_step", config.latents_per_step, ">= 1"), ("lr", config.lr, ">= 0"),
             ("weight_decay", config.weight_decay, ">= 0"), ("max_grad_norm", config.max_grad_norm, "> 0"),
             ("warmup_steps", config.warmup_steps, ">= 0"),
             ("num_selected_patches", config.num_selected_patches, ">= 0"),
