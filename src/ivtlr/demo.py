@@ -253,12 +253,12 @@ def plan_jobs(recipe: DemoRecipe, model_dir: Path, data: DemoData, out: Path, se
     common = dict(model_dir=model_dir, runs_dir=out / "runs", seed=seed)
     evaluation = dict(eval_batch_size=recipe.eval_batch_size, max_new_tokens=recipe.max_new_tokens)
     steps_per_epoch = -(-recipe.n_train // recipe.batch_size)
-    eval_questions = recipe.n_val + recipe.n_test
+    split_sizes = {"validation": recipe.n_val, "test": recipe.n_test}
 
     def job(name: str, config: Config, parent: str | None, first_epoch: int, cost_kind: str, label: str,
             steps_per_epoch: int = steps_per_epoch, **eval_keys) -> DemoJob:
         steps = steps_per_epoch * (config.num_epochs - config.resume)
-        questions = eval_questions if eval_keys.get("eval_splits") == ("validation", "test") else recipe.n_val
+        questions = sum(split_sizes[split] for split in eval_keys.get("eval_splits", ()))
         return DemoJob(name, config, parent, first_epoch, steps, steps * _STEP_COST[cost_kind]
                        + questions * _QUESTION_COST, label, eval_dir=out / "eval" / name, **evaluation, **eval_keys)
 
