@@ -43,7 +43,7 @@ from .data import load_examples
 from .data.curriculum import format_prompt_text, split_rationale, target_text
 from .data.example import option_letter
 from .demo_data import (DIGIT_CHOICES, FOLLOW_POINTERS, MERGED_PATCH_PX, READ_CELL, DigitPuzzle,
-                        compose_digit_puzzles, write_digit_reasoning)
+                        compose_digit_puzzles, write_digit_reasoning, write_puzzles)
 from .demo_report import VARIANT_LABELS, VARIANTS
 from .evaluation import GenerationSettings, evaluate, evaluation_summary, load_checkpoint_model
 from .explain import save_selection_png
@@ -132,14 +132,12 @@ class DemoData:
 def write_data(recipe: DemoRecipe, directory: Path, seed: int) -> DemoData:
     """The digit puzzles in the M3CoT schema, read back by the ordinary M3CoT loader. Both sets draw their scans from
     the same disjoint split pools, so pre-training never sees a validation or test scan."""
-    common = dict(seed=seed, grid=recipe.grid)
-    sizes = dict(n_train=recipe.n_train, n_val=recipe.n_val, n_test=recipe.n_test)
-    reasoning = write_digit_reasoning(directory / "reasoning", cell_px=recipe.cell_px, kind=FOLLOW_POINTERS,
-                                      **sizes, **common)
-    reading = write_digit_reasoning(directory / "reading", cell_px=recipe.cell_px, kind=READ_CELL,
-                                    n_train=recipe.n_pretrain, n_val=recipe.n_val, n_test=1,
-                                    warmup_share=recipe.reading_warmup_share, **common)
-    puzzles = compose_digit_puzzles(kind=FOLLOW_POINTERS, **sizes, **common)
+    puzzles = compose_digit_puzzles(seed=seed, n_train=recipe.n_train, n_val=recipe.n_val, n_test=recipe.n_test,
+                                    grid=recipe.grid, kind=FOLLOW_POINTERS)
+    reasoning = write_puzzles(directory / "reasoning", puzzles, recipe.cell_px)
+    reading = write_digit_reasoning(directory / "reading", seed=seed, grid=recipe.grid, cell_px=recipe.cell_px,
+                                    kind=READ_CELL, n_train=recipe.n_pretrain, n_val=recipe.n_val, n_test=1,
+                                    warmup_share=recipe.reading_warmup_share)
     return DemoData(reasoning={split: str(path) for split, path in reasoning.items()},
                     reading={split: str(path) for split, path in reading.items()},
                     puzzles={p.uid: p for split in ("validation", "test") for p in puzzles[split]})

@@ -286,12 +286,15 @@ def build_digit_reasoning(
     warmup_share: float = 0.0,
 ) -> dict[str, list[dict]]:
     """The dataset as M3CoT-schema rows per split, images as PIL; row i is puzzle i of `compose_digit_puzzles`."""
-    puzzles = compose_digit_puzzles(seed, n_train, n_val, n_test, grid, kind, scan_fractions, warmup_share)
+    return puzzle_rows(compose_digit_puzzles(seed, n_train, n_val, n_test, grid, kind, scan_fractions, warmup_share),
+                       cell_px)
+
+
+def puzzle_rows(puzzles: dict[str, list[DigitPuzzle]], cell_px: int = MERGED_PATCH_PX) -> dict[str, list[dict]]:
+    """Composed puzzles drawn and turned into M3CoT-schema rows, per split."""
     scans = load_digit_scans()
-    return {
-        split: [puzzle_to_row(p, render_puzzle(p, scans, cell_px)) for p in split_puzzles]
-        for split, split_puzzles in puzzles.items()
-    }
+    return {split: [puzzle_to_row(p, render_puzzle(p, scans, cell_px)) for p in split_puzzles]
+            for split, split_puzzles in puzzles.items()}
 
 
 def m3cot_features() -> Features:
@@ -317,11 +320,19 @@ def m3cot_features() -> Features:
 
 def write_digit_reasoning(out_dir: str | Path, **kwargs) -> dict[str, Path]:
     """Write ``<split>.parquet`` per split (keyword arguments as for `build_digit_reasoning`)."""
+    cell_px = kwargs.pop("cell_px", MERGED_PATCH_PX)
+    return write_puzzles(out_dir, compose_digit_puzzles(**kwargs), cell_px)
+
+
+def write_puzzles(out_dir: str | Path, puzzles: dict[str, list[DigitPuzzle]], cell_px: int = MERGED_PATCH_PX
+                  ) -> dict[str, Path]:
+    """Draw already composed puzzles and write ``<split>.parquet`` per split, so a caller that keeps the puzzles
+    (what each step reads) has exactly what the files hold."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     features = m3cot_features()
     paths = {}
-    for split, rows in build_digit_reasoning(**kwargs).items():
+    for split, rows in puzzle_rows(puzzles, cell_px).items():
         paths[split] = out_dir / f"{split}.parquet"
         Dataset.from_list(rows, features=features).to_parquet(str(paths[split]))
         logger.info("wrote %d rows to %s", len(rows), paths[split])

@@ -87,11 +87,20 @@ def loose_candidates(decoded: str) -> list[str]:
 def is_correct(question: str, generated_text: str, choices: Sequence[str], answer: str, rule: ExtractionRule) -> bool:
     """Whether ``rule`` scores the output right. ``ivtlr_loose`` reads the prompt and the output together, as the
     research scripts decoded them; the other rules read the output only."""
+    return _score(question, generated_text, choices, answer, rule)[1]
+
+
+def _score(question: str, generated_text: str, choices: Sequence[str], answer: str, rule: ExtractionRule
+           ) -> tuple[str | None, bool]:
+    """(the letter the rule reads, whether it is the gold one); under ``ivtlr_loose`` the letter is the gold one when
+    any candidate names it, else the last candidate."""
     gold = answer.strip().upper()
     if rule == "ivtlr_loose":
-        return gold in loose_candidates(f"{question}{generated_text}")
+        found = loose_candidates(f"{question}{generated_text}")
+        correct = gold in found
+        return (gold if correct else (found[-1] if found else None)), correct
     prediction = extract_answer(generated_text, choices, rule)
-    return prediction is not None and prediction == gold
+    return prediction, prediction is not None and prediction == gold
 
 
 def _extract_after_answer_phrase(text: str, letters: Sequence[str]) -> str | None:
@@ -174,12 +183,7 @@ class PredictionRecord:
         groups: Mapping[str, str] | None = None,
     ) -> PredictionRecord:
         """Score one generated output; ``answer`` is the gold option letter."""
-        correct = is_correct(question, generated_text, choices, answer, rule)
-        if rule == "ivtlr_loose":
-            found = loose_candidates(f"{question}{generated_text}")
-            prediction = answer.strip().upper() if correct else (found[-1] if found else None)
-        else:
-            prediction = extract_answer(generated_text, choices, rule)
+        prediction, correct = _score(question, generated_text, choices, answer, rule)
         return cls(
             id=str(id),
             choices=list(choices),
