@@ -13,6 +13,7 @@ from PIL import Image
 from ivtlr import demo, demo_report
 from ivtlr.cli import main
 from ivtlr.demo_data import compose_digit_puzzles
+from ivtlr.evaluation.probe import plan_conditions
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -124,7 +125,7 @@ def test_report_gives_the_reading_accuracy_of_the_pretrained_model(quick_report)
 
 def test_markdown_table_matches_the_json(quick_report):
     out, report = quick_report
-    markdown = (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text().split("## Do the latents matter?")[0]
     rows = [line for line in markdown.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
     assert len(rows) == len(demo_report.VARIANTS)
     for line, (variant, row) in zip(rows, report["variants"].items()):
@@ -202,3 +203,16 @@ def test_look_rates_count_patches_in_the_right_cell_and_chance_among_those_left(
 def test_running_mean():
     assert demo_report.running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert demo_report.running_mean([2.0, 4.0], 1) == [2.0, 4.0]
+
+
+def test_report_probes_the_ivtlr_checkpoint(quick_report):
+    """The "Do the latents matter?" section: every condition of ``ivtlr probe`` on the validation split, its files."""
+    out, report = quick_report
+    probe = report["probe"]
+    n_latent, k = demo.QUICK.max_latent_stage, demo.QUICK.num_selected_patches
+    assert [row["name"] for row in probe["conditions"]] == [c.name for c in plan_conditions(n_latent, k)]
+    assert probe["conditions"][0]["accuracy"] == pytest.approx(report["variants"]["ivtlr"]["validation_accuracy"])
+    assert all(row["questions"] == demo.QUICK.n_val for row in probe["conditions"])
+    assert {"probe.json", "probe.md", "probe.png"} <= {p.name for p in (out / "probe").iterdir()}
+    section = (out / "report.md").read_text().split("## Do the latents matter?")[1]
+    assert "| as trained (n=3, K=4) |" in section and "](probe/probe.png)" in section

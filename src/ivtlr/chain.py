@@ -7,6 +7,7 @@ interest (the position just before the next latent slot) is the last real row of
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,7 @@ class Segment:
     labels: torch.Tensor  # (l,)
     latent_row: int | None = None  # index of the latent row within the segment, if it holds one
     hidden: torch.Tensor | None = None  # (l, D) last-layer hidden states once computed
+    column: int | None = None  # physical column of the segment's first row in the pass that computed it
 
     @property
     def length(self) -> int:
@@ -92,15 +94,29 @@ class ChainRunner:
             rows_out = self.recorder.rows() if query else None
         finally:
             self.recorder.disarm()
+        offset = self.key_mask.shape[1] if self.cached else 0
         if self.cached:
             self.key_mask = full_mask
         hidden = out.last_hidden_state
         for b, p in enumerate(parts):
             start = 0
             for seg in p:
-                seg.hidden = hidden[b, start : start + seg.length]
+                seg.hidden, seg.column = hidden[b, start : start + seg.length], offset + start
                 start += seg.length
         return rows_out
+
+    def fork(self) -> ChainRunner:
+        """An independent runner continuing from this one's state (a copy of the cache, the same computed rows), so
+        several continuations can share one prompt pass."""
+        if not self.cached:
+            raise RuntimeError("only a cached chain can be forked")
+        twin = ChainRunner.__new__(ChainRunner)
+        twin.backbone, twin.recorder, twin.cached, twin.dtype, twin.device = \
+            self.backbone, self.recorder, True, self.dtype, self.device
+        twin.states = [SampleState(segments=list(st.segments), next_position=st.next_position) for st in self.states]
+        twin.cache = copy.deepcopy(self.cache)
+        twin.key_mask = self.key_mask.clone()
+        return twin
 
     def last_hidden(self, b: int) -> torch.Tensor:
         """Hidden state of the sample's latest real row (the vector the LM head reads)."""

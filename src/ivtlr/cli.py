@@ -1,4 +1,4 @@
-"""``ivtlr train | eval | infer | demo | bench``: one entry point, each command's code imported only when used."""
+"""``ivtlr train | eval | probe | infer | demo | bench``: one entry point; a command's code is imported when used."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,7 @@ from .config import ConfigError
 COMMANDS = {
     "train": ("ivtlr.training.cli", "train a model with the progressive latent curriculum (Accelerate-ready)"),
     "eval": ("ivtlr.evaluation.cli", "generate and score answers on a test split"),
+    "probe": ("ivtlr.evaluation.probe_cli", "do the latents matter? accuracy under counterfactual latent chains"),
     "infer": ("ivtlr.inference", "answer one question about one image, optionally drawing the chosen patches"),
     "demo": ("ivtlr.demo", "train and score IVT-LR and its baselines on bundled digit images, on a CPU"),
 }

@@ -46,7 +46,10 @@ from .demo_data import (DIGIT_CHOICES, FOLLOW_POINTERS, MERGED_PATCH_PX, READ_CE
                         compose_digit_puzzles, write_digit_reasoning, write_puzzles)
 from .demo_report import VARIANT_LABELS, VARIANTS
 from .evaluation import GenerationSettings, evaluate, evaluation_summary, load_checkpoint_model
+from .evaluation.probe import plan_conditions, probe_summary, run_probe
+from .evaluation.probe_report import write_probe_outputs
 from .explain import save_selection_png
+from .files import write_text_atomically
 from .inference import answer_question
 from .machine import cpu_model_name
 from .metrics_log import JSONL_FILE
@@ -325,6 +328,24 @@ def evaluate_checkpoint(checkpoint: Path, data_files: Mapping[str, str], splits:
     return summaries
 
 
+def probe_checkpoint(checkpoint: Path, data_files: Mapping[str, str], split: str, out_dir: Path, *, batch_size: int,
+                     max_new_tokens: int, seed: int) -> dict:
+    """``ivtlr probe`` of one checkpoint on one split: every condition group; writes probe.json/md/png."""
+    model = load_checkpoint_model(checkpoint, torch.device("cpu"))
+    examples = list(load_examples("m3cot", split, data_files=dict(data_files)))
+    n_latent, k = model.n_latent(None), model.engine.num_selected_patches
+    start = time.perf_counter()
+    results = run_probe(model, examples, plan_conditions(n_latent, k), batch_size=batch_size,
+                        max_new_tokens=max_new_tokens, image_size=model.image_size, seed=seed)
+    run_info = {"model": f"checkpoint {checkpoint}", "mode": model.mode, "n_latent": n_latent,
+                "num_selected_patches": k, "split": split, "questions": len(examples), "answer_rule": "original",
+                "max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed, "device": "cpu",
+                "cpu": cpu_model_name(), "wall_seconds": time.perf_counter() - start}
+    summary = probe_summary(results, run_info)
+    write_probe_outputs(summary, out_dir)
+    return summary
+
+
 def execute_job(job: DemoJob, parent_checkpoint: str | None, threads: int) -> JobResult:
     """Train one run (continuing its parent's checkpoint) and evaluate it; runs in a worker process, whose log and
     progress bars go to ``<run dir>/worker.log`` (the main process shows one bar for all workers)."""
@@ -525,9 +546,14 @@ def run_demo(recipe: DemoRecipe, out: Path, *, seed: int = 0, quick: bool = Fals
     stage_starts = [recipe.stage0_epochs + recipe.epochs_per_stage * s for s in range(recipe.max_latent_stage)]
     curve_path = report_lib.plot_training_curves(curves, stage_starts, out / "training_curve.png")
     explained = explain_questions(Path(results["ivtlr"].checkpoint), data, recipe.n_explained, out / "explain")
+    probe_started = time.time()
+    probe = probe_checkpoint(Path(results["ivtlr"].checkpoint), data.reasoning, "validation", out / "probe",
+                             batch_size=recipe.eval_batch_size, max_new_tokens=recipe.max_new_tokens, seed=seed)
+    probe_seconds = time.time() - probe_started
     phases = {"data and base model": setup_done - started}
     phases.update({jobs[name].label: result.finished - result.started for name, result in results.items()})
-    phases["report"] = time.time() - training_done
+    phases["probe of IVT-LR"] = probe_seconds
+    phases["report"] = time.time() - training_done - probe_seconds
     report = {"quick": quick, "seed": seed, "cpu": cpu_model_name(), "workers": workers,
               "threads_per_worker": max(1, cores // workers), "wall_seconds": time.time() - started,
               "phase_seconds": phases, "recipe": asdict(recipe),
@@ -537,15 +563,11 @@ def run_demo(recipe: DemoRecipe, out: Path, *, seed: int = 0, quick: bool = Fals
               "stage0_seconds": results[STAGE0_RUN].train_seconds, "variants": rows,
               "targets": report_lib.target_checks(rows),
               "checkpoints": {name: result.checkpoint for name, result in results.items()},
-              "files": {"training_curve": curve_path.name, "explain": [str(p.relative_to(out)) for p in explained]}}
-    _write_atomically(out / "report.json", json.dumps(report, indent=2) + "\n")
-    _write_atomically(out / "report.md", report_lib.markdown_report(report))
+              "probe": probe,
+              "files": {"training_curve": curve_path.name, "explain": [str(p.relative_to(out)) for p in explained],
+                        "probe": "probe/probe.png"}}
+    write_text_atomically(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomically(out / "report.md", report_lib.markdown_report(report))
     logger.info("demo report written to %s (report.md, report.json, %s, %d explain pictures) in %s",
                 out, curve_path.name, len(explained), report_lib.minutes(report["wall_seconds"]))
     return report
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    temporary.replace(path)

@@ -7,11 +7,12 @@ puzzles themselves, so the report adds nothing to and drops nothing from the har
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .demo_data import DigitPuzzle
+from .evaluation.probe_report import TABLE_NOTE, markdown_table
+from .scoring import wilson_interval
 
 #: The report's rows, in the paper's order: baselines, then the two ablations, then the method.
 VARIANTS = ("nocot", "cot", "latent_text_only", "latent_vision_only", "ivtlr")
@@ -28,20 +29,6 @@ LATENT_VARIANTS = ("latent_text_only", "latent_vision_only", "ivtlr")
 TARGET_SLACK_UNDER_COT = 0.01
 TARGET_MARGIN_OVER_NOCOT = 0.20
 TARGET_AR_FRACTION_OF_COT = 0.25
-Z_95 = 1.959963984540054
-
-
-def wilson_interval(correct: int, total: int, z: float = Z_95) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion: it stays inside [0, 1] and is honest at 0 or n successes."""
-    if total <= 0:
-        return 0.0, 1.0
-    p = correct / total
-    denominator = 1 + z * z / total
-    centre = (p + z * z / (2 * total)) / denominator
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def cell_of_token(token: int, grid_hw: tuple[int, int], grid: int) -> int:
     """The puzzle cell (row-major) an image token lies in, on a token grid that tiles the puzzle's cells evenly."""
     rows, cols = grid_hw
@@ -156,7 +143,33 @@ def markdown_report(report: Mapping) -> str:
               "Image cells each latent step of IVT-LR inserted, for a few test questions (the legend names the cell "
               "the written step reads):", ""]
     lines += [f"![{Path(p).stem}]({p})" for p in report["files"]["explain"]]
+    if report.get("probe"):
+        lines += ["", probe_section(report["probe"], report["files"]["probe"])]
     return "\n".join(lines) + "\n"
+
+
+def probe_section(probe: Mapping, plot: str) -> str:
+    """"Do the latents matter?": ``ivtlr probe`` of the IVT-LR checkpoint, with what its rows say."""
+    run = probe["run"]
+    rows = {(row["group"], row["text"], row["vision"]): row for row in probe["conditions"]}
+    trained = probe["conditions"][0]
+    donor = rows.get(("text", "donor", "trained"))
+    no_patches = rows.get(("vision", "trained", "none"))
+    reading = []
+    if donor is not None:
+        reading.append(f"another question's latent rows give {100 * donor['accuracy']:.1f} % against "
+                       f"{100 * trained['accuracy']:.1f} % as trained (answers changed: "
+                       f"{100 * donor['answers_changed']:.1f} %)")
+    if no_patches is not None:
+        reading.append(f"inserting no patches gives {100 * no_patches['accuracy']:.1f} % (answers changed: "
+                       f"{100 * no_patches['answers_changed']:.1f} %)")
+    summary = "; ".join(reading)
+    return "\n".join([
+        "## Do the latents matter?", "",
+        f"`ivtlr probe` of the IVT-LR checkpoint on the {run['questions']} {run['split']} questions "
+        f"({run['wall_seconds']:.0f} s): each row answers them all with one change to the latent chain. "
+        f"{summary[:1].upper() + summary[1:]}." if summary else "", "",
+        markdown_table(probe), "", TABLE_NOTE, "", f"![probe]({plot})"])
 
 
 def read_loss_curve(metrics_path: Path, first_epoch: int, resume_epoch: int) -> tuple[list[float], list[float]]:

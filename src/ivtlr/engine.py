@@ -10,6 +10,7 @@ cached path to.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +19,9 @@ from torch import nn
 from .attention_rows import AttentionRowRecorder, capture_attention_rows
 from .backbones import Backbone, get_backbone
 from .chain import IGNORE_INDEX, ChainRunner, SampleState, Segment
+from .interventions import NO_INTERVENTION, LatentIntervention
 from .loss import shifted_cross_entropy
-from .selection import PATCH_ORDERS, select_patches
+from .selection import PATCH_ORDERS
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,10 @@ class GenerationOutput:
     sequences: torch.Tensor  # (B, T) new token ids, padded with ``pad_token_id`` after each sample's end
     lengths: torch.Tensor  # (B,) number of generated ids per sample (EOS included)
     selected: list[list[torch.Tensor]]
+    latents: list[torch.Tensor] | None = None  # per sample, (n_latent, D): the rows its latent slots received
+    #: (B, 2) with ``measure_attention``: mean attention mass (over layers, heads and answer tokens) the answer
+    #: tokens pay to the latent rows and to the inserted patch rows.
+    answer_attention: torch.Tensor | None = None
 
 
 @dataclass
@@ -122,7 +128,13 @@ class IVTLR(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
-                image_grid_thw: torch.Tensor | None = None) -> IVTLROutput:
+                image_grid_thw: torch.Tensor | None = None,
+                intervention: LatentIntervention | None = None) -> IVTLROutput:
+        """The final sequences' logits (and loss, with ``labels``). ``intervention`` replaces what the latent steps
+        feed back or insert (:mod:`ivtlr.interventions`; off by default)."""
+        intervention = intervention or NO_INTERVENTION
+        if self.recompute and not intervention.is_identity:
+            raise ValueError("interventions run on the cached chain; build the engine with recompute=False")
         if self.recompute:
             from .recompute import recompute_forward
 
@@ -136,8 +148,9 @@ class IVTLR(nn.Module):
         cached = not (checkpointing and self.latent_grad == "full")
         chain_grad = grad and not (checkpointing and self.latent_grad == "detach")
         defer_final = grad and not chain_grad
+        intervention.check_batch(len(layouts))
         runner, selected = self._run_chain(layouts, image_grid_thw, cached=cached, grad=chain_grad,
-                                           defer_final=defer_final)
+                                           defer_final=defer_final, intervention=intervention)
         if defer_final:
             final_pass = ChainRunner(self.backbone, self.recorder, runner.states, cached=False,
                                      dtype=runner.dtype, device=runner.device)
@@ -150,44 +163,65 @@ class IVTLR(nn.Module):
                  max_new_tokens: int = 64, *, eos_token_id: int | list[int] | None = None,
                  pad_token_id: int | None = None, do_sample: bool = False, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None,
-                 return_dict: bool = False) -> torch.Tensor | GenerationOutput:
+                 return_dict: bool = False, intervention: LatentIntervention | None = None,
+                 measure_attention: bool = False) -> torch.Tensor | GenerationOutput:
         """Decode after the latent chain, batched, continuing from the chain's own cache.
 
         ``input_ids`` hold the prompt with its ``<|latent|>`` slots (any padding, marked by ``attention_mask``).
         Greedy by default; ``do_sample`` draws with ``temperature`` / ``top_p`` / ``top_k`` from ``generator``.
         Each sample stops at its first EOS (the first generated token included) or after ``max_new_tokens``.
+        ``intervention`` replaces what the latent steps feed back or insert (:mod:`ivtlr.interventions`; off by
+        default); ``measure_attention`` also reports the attention the answer tokens pay to the latent and patch rows.
         Returns the new ids, (B, T), padded with ``pad_token_id``.
         """
+        (out,) = self.generate_variants(input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens,
+                                        [intervention or NO_INTERVENTION], eos_token_id=eos_token_id,
+                                        pad_token_id=pad_token_id, do_sample=do_sample, temperature=temperature,
+                                        top_p=top_p, top_k=top_k, generator=generator,
+                                        measure_attention=measure_attention)
+        return out if return_dict else out.sequences
+
+    @torch.no_grad()
+    def generate_variants(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                          pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None,
+                          max_new_tokens: int, interventions: Sequence[LatentIntervention], *,
+                          eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                          do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                          generator: torch.Generator | None = None, measure_attention: bool = False
+                          ) -> list[GenerationOutput]:
+        """:meth:`generate` once per intervention on the same batch, the prompt pass computed once and shared."""
+        if self.recompute and any(not i.is_identity for i in interventions):
+            raise ValueError("interventions run on the cached chain; build the engine with recompute=False")
         eos = self.eos_token_ids if eos_token_id is None else \
             set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
         pad = self.pad_token_id if pad_token_id is None else pad_token_id
         layouts = self._layouts(input_ids, attention_mask, None, pixel_values, image_grid_thw)
-        runner, selected = self._run_chain(layouts, image_grid_thw, cached=True, grad=False)
-        pick = _TokenPicker(do_sample, temperature, top_p, top_k, generator)
-        batch = len(layouts)
-        hidden = torch.stack([runner.last_hidden(b) for b in range(batch)])
-        tokens = pick(self.backbone.logits(hidden.unsqueeze(1))[:, -1].float())
-        out = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=input_ids.device)
-        lengths = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
-        active = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
-        embed = self.backbone.input_embeddings()
-        for step in range(max_new_tokens):
-            out[active, step] = tokens[active]
-            lengths += active.long()
-            active &= ~torch.isin(tokens, torch.tensor(sorted(eos), device=tokens.device)) if eos else active
-            if step + 1 == max_new_tokens or not bool(active.any()):
-                break
-            token_embeds = embed(tokens.unsqueeze(1))
-            segments = [Segment(token_embeds[b], state.positions(1, self.backbone.position_rows, tokens.device),
-                                torch.full((1,), IGNORE_INDEX, device=tokens.device)) if active[b] else None
-                        for b, state in enumerate(runner.states)]
-            runner.run(segments, query=False, grad=False)
-            hidden = torch.stack([runner.last_hidden(b) for b in range(batch)])
-            tokens = pick(self.backbone.logits(hidden.unsqueeze(1))[:, -1].float())
-        sequences = out[:, : int(lengths.max()) if batch else 0]
-        if return_dict:
-            return GenerationOutput(sequences=sequences, lengths=lengths, selected=selected)
-        return sequences
+        for intervention in interventions:
+            intervention.check_batch(len(layouts))
+        query = measure_attention or max(lay.n_latent for lay in layouts) > 0
+        with capture_attention_rows(self.recorder, self.backbone.attn_implementation):
+            prefilled, rows = self._prefill(layouts, image_grid_thw, cached=True, grad=False, query=query)
+        outputs = []
+        for i, intervention in enumerate(interventions):
+            runner = prefilled.fork() if i < len(interventions) - 1 else prefilled
+            with capture_attention_rows(self.recorder, self.backbone.attn_implementation):
+                selected, final_rows = self._latent_passes(layouts, runner, rows, grad=False,
+                                                           intervention=intervention, query_last=measure_attention)
+            pick = _TokenPicker(do_sample, temperature, top_p, top_k, generator)
+            decoder = _Decoder(self, runner, layouts, final_rows if measure_attention else None)
+            sequences, lengths, attention = decoder.run(pick, max_new_tokens, eos, pad, input_ids.device)
+            outputs.append(GenerationOutput(sequences=sequences, lengths=lengths, selected=selected,
+                                            latents=[self._fed_latents(st) for st in runner.states],
+                                            answer_attention=attention))
+        return outputs
+
+    @torch.no_grad()
+    def image_token_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                               pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None
+                               ) -> list[torch.Tensor]:
+        """Per sample, (N, D): the image-token embeddings the latent vision inserts rows from (donor images)."""
+        layouts = self._layouts(input_ids, attention_mask, None, pixel_values, image_grid_thw)
+        return [lay.embeds[lay.image_index] for lay in layouts]
 
     def image_grid(self, image_grid_thw: torch.Tensor | None, sample: int) -> tuple[int, int]:
         """(rows, cols) of a sample's image-token grid: what ``selected`` indices are laid out on."""
@@ -238,43 +272,66 @@ class IVTLR(nn.Module):
                 enumerate(zip(layouts, lengths))], next_start.tolist()
 
     def _run_chain(self, layouts: list[_Layout], image_grid_thw, *, cached: bool, grad: bool,
-                   defer_final: bool = False):
+                   defer_final: bool = False, intervention: LatentIntervention = NO_INTERVENTION):
         """Prompt pass, then one pass per latent step; returns the runner (segments and hidden states) and the
         selections. ``defer_final``: the caller re-runs the whole final sequence, so the last pass is skipped."""
-        device = layouts[0].ids.device
-        dtype = layouts[0].embeds.dtype
+        with capture_attention_rows(self.recorder, self.backbone.attn_implementation):
+            runner, rows = self._prefill(layouts, image_grid_thw, cached=cached, grad=grad,
+                                         query=max(lay.n_latent for lay in layouts) > 0)
+            selected, _ = self._latent_passes(layouts, runner, rows, grad=grad, defer_final=defer_final,
+                                              intervention=intervention)
+        return runner, selected
+
+    def _prefill(self, layouts: list[_Layout], image_grid_thw, *, cached: bool, grad: bool, query: bool):
+        """The prompt pass; returns the runner and the attention rows of each prompt's last row (or None)."""
         prompts, next_start = self._prompt_segments(layouts, image_grid_thw)
         states = [SampleState(next_position=int(p)) for p in next_start]
-        runner = ChainRunner(self.backbone, self.recorder, states, cached=cached, dtype=dtype, device=device)
+        runner = ChainRunner(self.backbone, self.recorder, states, cached=cached, dtype=layouts[0].embeds.dtype,
+                             device=layouts[0].ids.device)
+        return runner, runner.run(prompts, query=query, grad=grad)
+
+    def _latent_passes(self, layouts: list[_Layout], runner: ChainRunner, rows: torch.Tensor | None, *, grad: bool,
+                       defer_final: bool = False, intervention: LatentIntervention = NO_INTERVENTION,
+                       query_last: bool = False):
+        """One pass per latent step after the prompt pass. Returns the selections and, per sample, the attention
+        row of its last row once its chain is done (when ``query_last``: the row that predicts its first answer
+        token; None for samples without latent steps)."""
+        device = layouts[0].ids.device
         n_max = max(lay.n_latent for lay in layouts)
         selected: list[list[torch.Tensor]] = [[] for _ in layouts]
         taken = [torch.zeros(len(lay.image_index), dtype=torch.bool, device=device) for lay in layouts]
+        final_rows: list[torch.Tensor | None] = [None] * len(layouts)
         rows_r = self.backbone.position_rows
-        with capture_attention_rows(self.recorder, self.backbone.attn_implementation):
-            rows = runner.run(prompts, query=n_max > 0, grad=grad)
-            for step in range(1, n_max + 1):
-                new: list[Segment | None] = []
-                for b, lay in enumerate(layouts):
-                    if lay.n_latent < step:
-                        new.append(None)
-                        continue
-                    new.append(self._latent_step_segment(lay, states[b], runner.last_hidden(b), rows[b],
-                                                         taken[b], selected[b], step, rows_r))
-                query = any(lay.n_latent > step for lay in layouts)
-                if query or not defer_final:
-                    rows = runner.run(new, query=query, grad=grad)
-                else:
-                    for state, seg in zip(states, new):
-                        if seg is not None:
-                            state.segments.append(seg)
-        return runner, selected
+        for step in range(1, n_max + 1):
+            new: list[Segment | None] = []
+            for b, lay in enumerate(layouts):
+                if lay.n_latent < step:
+                    new.append(None)
+                    continue
+                new.append(self._latent_step_segment(lay, runner.states[b], runner.last_hidden(b), rows[b],
+                                                     taken[b], selected[b], step, rows_r, intervention, b))
+            query = any(lay.n_latent > step for lay in layouts) or query_last
+            if query or not defer_final:
+                rows = runner.run(new, query=query, grad=grad)
+                if query_last:
+                    for b, lay in enumerate(layouts):
+                        if lay.n_latent == step:
+                            final_rows[b] = rows[b]
+            else:
+                for state, seg in zip(runner.states, new):
+                    if seg is not None:
+                        state.segments.append(seg)
+        return selected, final_rows
 
     def _latent_step_segment(self, lay: _Layout, state: SampleState, fill: torch.Tensor, rows: torch.Tensor,
-                             taken: torch.Tensor, selected: list[torch.Tensor], step: int, rows_r: int) -> Segment:
+                             taken: torch.Tensor, selected: list[torch.Tensor], step: int, rows_r: int,
+                             intervention: LatentIntervention = NO_INTERVENTION, sample: int = 0) -> Segment:
         """Rows [V_step, L_step] (plus the rest of the sample after its last latent)."""
         device = lay.ids.device
         scores = rows[lay.image_index] if len(lay.image_index) else rows[:0]
-        chosen = select_patches(scores, taken, self.num_selected_patches, self.patch_order)
+        k = self.num_selected_patches if intervention.num_selected_patches is None \
+            else intervention.num_selected_patches
+        chosen = intervention.choose_patches(sample, step, scores, taken, k, self.patch_order)
         taken[chosen] = True
         selected.append(chosen)
         latent_slot = lay.prompt_len + step - 1
@@ -282,7 +339,9 @@ class IVTLR(nn.Module):
             fill = lay.embeds[latent_slot]
         elif self.latent_grad == "detach":
             fill = fill.detach()
-        parts = [lay.embeds[lay.image_index[chosen]], fill.unsqueeze(0).to(lay.embeds.dtype)]
+        fill = intervention.latent_row(sample, step, fill, lay.embeds[latent_slot])
+        image_rows = lay.embeds[lay.image_index]
+        parts = [intervention.patch_rows(sample, chosen, image_rows), fill.unsqueeze(0).to(lay.embeds.dtype)]
         labels = [torch.full((len(chosen),), IGNORE_INDEX, device=device), lay.labels[latent_slot:latent_slot + 1]]
         if step == lay.n_latent:
             rest = slice(lay.prompt_len + lay.n_latent, len(lay.ids))
@@ -313,6 +372,13 @@ class IVTLR(nn.Module):
         return IVTLROutput(loss=loss, logits=logits, selected=selected, attention_mask=mask,
                            labels=pad_l if with_labels else None, loss_per_sample=loss_per_sample,
                            inputs_embeds=pad_e, latent_positions=latent_positions)
+
+    @staticmethod
+    def _fed_latents(state: SampleState) -> torch.Tensor:
+        """(n_latent, D): the rows the sample's latent slots received."""
+        rows = [seg.embeds[seg.latent_row] for seg in state.segments if seg.latent_row is not None]
+        dim = state.segments[0].embeds.shape[-1]
+        return torch.stack(rows) if rows else state.segments[0].embeds.new_zeros(0, dim)
 
     @staticmethod
     def _latent_rows(state: SampleState) -> list[int]:
@@ -350,3 +416,73 @@ class _TokenPicker:
             return logits.argmax(-1)
         probs = self.warpers(None, logits).softmax(-1)
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+
+
+class _Decoder:
+    """Greedy or sampled decoding continuing a finished latent chain, batched; optionally measures the attention the
+    answer tokens pay to the latent and inserted patch rows."""
+
+    def __init__(self, engine: IVTLR, runner: ChainRunner, layouts: list[_Layout],
+                 first_rows: list[torch.Tensor | None] | None):
+        self.engine, self.runner, self.layouts = engine, runner, layouts
+        self.measure = first_rows is not None
+        batch = len(layouts)
+        self.columns = [self._columns(state) for state in runner.states]
+        self.mass = torch.zeros(batch, 2)
+        self.counted = torch.zeros(batch)
+        if self.measure:
+            for b, row in enumerate(first_rows):
+                self._add(b, row)
+
+    @staticmethod
+    def _columns(state: SampleState) -> tuple[list[int], list[int]]:
+        """Physical cache columns of the sample's latent rows and of its inserted patch rows."""
+        latent, patches = [], []
+        for seg in state.segments:
+            if seg.latent_row is not None:
+                latent.append(seg.column + seg.latent_row)
+                patches.extend(range(seg.column, seg.column + seg.latent_row))
+        return latent, patches
+
+    def _add(self, b: int, row: torch.Tensor | None) -> None:
+        latent, patches = self.columns[b]
+        if row is not None:
+            self.mass[b, 0] += float(row[latent].sum()) if latent else 0.0
+            self.mass[b, 1] += float(row[patches].sum()) if patches else 0.0
+        self.counted[b] += 1
+
+    def run(self, pick: _TokenPicker, max_new_tokens: int, eos: set[int], pad: int, device
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        runner, batch = self.runner, len(self.layouts)
+        backbone = self.engine.backbone
+        hidden = torch.stack([runner.last_hidden(b) for b in range(batch)])
+        tokens = pick(backbone.logits(hidden.unsqueeze(1))[:, -1].float())
+        out = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
+        lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        active = torch.ones(batch, dtype=torch.bool, device=device)
+        embed = backbone.input_embeddings()
+        eos_ids = torch.tensor(sorted(eos), device=device) if eos else None
+        for step in range(max_new_tokens):
+            out[active, step] = tokens[active]
+            lengths += active.long()
+            if eos_ids is not None:
+                active &= ~torch.isin(tokens, eos_ids)
+            if step + 1 == max_new_tokens or not bool(active.any()):
+                break
+            token_embeds = embed(tokens.unsqueeze(1))
+            segments = [Segment(token_embeds[b], state.positions(1, backbone.position_rows, device),
+                                torch.full((1,), IGNORE_INDEX, device=device)) if active[b] else None
+                        for b, state in enumerate(runner.states)]
+            if self.measure:
+                with capture_attention_rows(self.engine.recorder, backbone.attn_implementation):
+                    rows = runner.run(segments, query=True, grad=False)
+                for b in range(batch):
+                    if active[b]:
+                        self._add(b, rows[b])
+            else:
+                runner.run(segments, query=False, grad=False)
+            hidden = torch.stack([runner.last_hidden(b) for b in range(batch)])
+            tokens = pick(backbone.logits(hidden.unsqueeze(1))[:, -1].float())
+        sequences = out[:, : int(lengths.max()) if batch else 0]
+        attention = self.mass / self.counted.clamp_min(1).unsqueeze(1) if self.measure else None
+        return sequences, lengths, attention

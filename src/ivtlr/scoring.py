@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -371,3 +372,18 @@ def _table_row(group: str, value: str, stats: Mapping[str, Any]) -> str:
         f"| {stats['avg_generated_tokens']:.1f} | {stats['seconds_per_question']:.3f} "
         f"| {stats['questions_per_second']:.2f} |"
     )
+
+
+#: z of a two-sided 95 % normal interval.
+Z_95 = 1.959963984540054
+
+
+def wilson_interval(correct: int, total: int, z: float = Z_95) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion: it stays inside [0, 1] and is honest at 0 or n successes."""
+    if total <= 0:
+        return 0.0, 1.0
+    p = correct / total
+    denominator = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denominator
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -49,9 +49,7 @@ class Answer:
 def generate_answers(model: LoadedModel, examples: Sequence[Example], settings: GenerationSettings
                      ) -> tuple[list[Answer], dict[str, torch.Tensor]]:
     """Answer a batch of questions; also returns the model inputs (their image grids place the selections)."""
-    batch = build_generation_batch(model.processor, examples, settings.n_latent, model.engine.latent_token_id,
-                                   image_size=settings.image_size)
-    batch = {key: _to(value, model) for key, value in batch.items()}
+    batch = model_inputs(model, examples, settings.n_latent, settings.image_size)
     out = model.engine.generate(batch["input_ids"], batch["attention_mask"], pixel_values=batch.get("pixel_values"),
                                 image_grid_thw=batch.get("image_grid_thw"), max_new_tokens=settings.max_new_tokens,
                                 return_dict=True)
@@ -60,6 +58,14 @@ def generate_answers(model: LoadedModel, examples: Sequence[Example], settings: 
         text = model.tokenizer.decode(row[:length], skip_special_tokens=True)
         answers.append(Answer(text=text, n_tokens=length, selected=selected))
     return answers, batch
+
+
+def model_inputs(model: LoadedModel, examples: Sequence[Example], n_latent: int, image_size: int | None
+                 ) -> dict[str, torch.Tensor]:
+    """The generation batch of ``examples`` (prompt as in training, then ``n_latent`` slots) on the model's device."""
+    batch = build_generation_batch(model.processor, examples, n_latent, model.engine.latent_token_id,
+                                   image_size=image_size)
+    return {key: _to(value, model) for key, value in batch.items()}
 
 
 def _to(value: torch.Tensor, model: LoadedModel) -> torch.Tensor:

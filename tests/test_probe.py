@@ -1,0 +1,86 @@
+"""``ivtlr probe``: its as-trained condition is plain ``ivtlr eval``, its results do not depend on the batch size, and
+the command writes its table, JSON and plot (or refuses a model without latent steps in one line)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ivtlr.cli import main
+from ivtlr.config import load_config
+from ivtlr.data import load_examples
+from ivtlr.evaluation import load_config_model
+from ivtlr.evaluation.probe import PROBE_GROUPS, plan_conditions, run_probe
+from ivtlr.scoring import read_jsonl
+from schema_files import write_m3cot_files
+from test_eval import TINY, run_eval, write_config
+
+N_QUESTIONS = 5
+
+
+@pytest.fixture
+def config(tmp_path):
+    files = write_m3cot_files(tmp_path / "data", n_train=1, n_test=N_QUESTIONS)
+    return write_config(tmp_path, files, **TINY)
+
+
+def test_plan_covers_every_group_once_with_the_trained_point_first():
+    conditions = plan_conditions(3, 8, PROBE_GROUPS)
+    first = conditions[0]
+    assert first.group == "trained" and (first.n_latent, first.num_selected_patches) == (3, None)
+    assert [c.n_latent for c in conditions if c.group == "count"] == [0, 1, 2]
+    assert [c.num_selected_patches for c in conditions if c.group == "k"] == [2, 4, 16]
+    assert [c.text for c in conditions if c.group == "text"] == ["zeros", "noise", "donor", "token"]
+    assert [c.vision for c in conditions if c.group == "vision"] == ["random", "least", "none", "donor"]
+    assert all(c.text == "trained" for c in conditions if c.group != "text")
+    assert {c.group for c in plan_conditions(2, 0)} == {"trained", "count", "text"}  # K = 0: no vision to probe
+    with pytest.raises(ValueError, match="needs latent steps"):
+        plan_conditions(0, 4)
+    with pytest.raises(ValueError, match="unknown probe condition"):
+        plan_conditions(2, 4, ["count", "shuffle"])
+
+
+def test_as_trained_is_plain_eval_prediction_for_prediction(config, tmp_path, capsys):
+    records, summary = run_eval(config, tmp_path / "eval")
+    assert main(["probe", str(config), "--out", str(tmp_path / "probe"), "--no-progress"]) == 0
+    answers = [a for a in read_jsonl(tmp_path / "probe" / "probe_answers.jsonl") if a["group"] == "trained"]
+    assert [a["id"] for a in answers] == [r["id"] for r in records]
+    for answer, record in zip(answers, records):
+        assert answer["text"] == record["messages"][1]
+        assert (answer["prediction"], answer["correct"]) == (record["prediction"], record["correct"])
+        assert answer["n_generated_tokens"] == record["n_generated_tokens"]
+    probe = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    assert probe["conditions"][0]["accuracy"] == pytest.approx(summary["overall"]["accuracy"])
+    assert len(probe["conditions"]) == len(plan_conditions(2, 2))
+    for row in probe["conditions"]:
+        assert row["questions"] == N_QUESTIONS and 0 <= row["accuracy_ci95"][0] <= row["accuracy_ci95"][1] <= 1
+        assert 0 <= row["attention_on_latents"] <= 1 and 0 <= row["attention_on_patches"] <= 1
+    zero = next(row for row in probe["conditions"] if row["n_latent"] == 0)
+    assert zero["attention_on_latents"] == 0 and zero["attention_on_patches"] == 0
+    assert (tmp_path / "probe" / "probe.png").stat().st_size > 0
+    markdown = (tmp_path / "probe" / "probe.md").read_text()
+    assert "| as trained (n=2, K=2) |" in markdown and "another question's latents" in markdown
+    assert "| as trained (n=2, K=2) |" in capsys.readouterr().out
+
+
+def test_results_do_not_depend_on_the_batch_size(config):
+    loaded = load_config(config)
+    model = load_config_model(loaded, torch.device("cpu"), torch.float32)
+    examples = list(load_examples("m3cot", "test", data_files=loaded.dataset.data_files))
+    conditions = plan_conditions(2, model.engine.num_selected_patches)
+    kwargs = dict(max_new_tokens=5, image_size=loaded.image_size, seed=3, progress=False)
+    by_two = run_probe(model, examples, conditions, batch_size=2, **kwargs)
+    all_at_once = run_probe(model, examples, conditions, batch_size=N_QUESTIONS, **kwargs)
+    for small, large in zip(by_two, all_at_once):
+        assert small.condition == large.condition
+        assert small.texts == large.texts, small.condition.name
+        assert small.n_tokens == large.n_tokens
+        for (a, b), (c, d) in zip(small.attention, large.attention):
+            assert a == pytest.approx(c, abs=1e-5) and b == pytest.approx(d, abs=1e-5)
+
+
+def test_a_model_without_latent_steps_is_refused_in_one_line(config, capsys):
+    assert main(["probe", str(config), "mode=nocot", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "error: the probe needs latent steps" in err and "Traceback" not in err
