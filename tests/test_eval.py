@@ -88,11 +88,12 @@ def test_resume_skips_written_ids_and_redoes_a_torn_line(tmp_path):
     files = write_m3cot_files(tmp_path / "data", n_train=1, n_test=5)
     config = write_config(tmp_path, files, **TINY)
     out = tmp_path / "out"
-    out.mkdir()
+    run_eval(config, out)  # a first run records what produces the answers; its answers are then replaced
     rows = m3cot_rows("test", 5)
     earlier = [earlier_record(rows[3]["id"], rows[3]["answer"], "B"),  # a wrong answer
                earlier_record(rows[0]["id"], rows[0]["answer"], "A")]  # a right one
     predictions = out / "predictions_untrained_test_ivtlr_latent2.jsonl"
+    assert predictions.exists()
     torn = json.dumps(earlier_record(rows[1]["id"], rows[1]["answer"], "C"))[:40]  # a crash in the middle of writing row 1
     predictions.write_text("".join(json.dumps(r) + "\n" for r in earlier) + torn)
 
@@ -115,7 +116,7 @@ def test_scienceqa_groups_partition_the_questions(tmp_path):
     config = write_config(tmp_path, files, dataset={"source": "scienceqa", "keep_no_image": True}, **TINY)
     rows = scienceqa_rows("test", 6, n_text_only=3)
     out = tmp_path / "out"
-    out.mkdir()
+    run_eval(config, out)  # records what produces the answers; its answers are then replaced by hand-made ones
     answered = [earlier_record(f"test-{i}", "ABCD"[rows[i]["answer"]], letter, subject=rows[i]["subject"],
                                grade=rows[i]["grade"], context_type="image" if rows[i]["image"] else "text")
                 for i, letter in ((0, "A"), (1, "C"), (6, "C"))]  # right, wrong, right

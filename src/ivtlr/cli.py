@@ -9,7 +9,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from .config import ConfigError
+from .errors import UserError
 
 #: command -> (module, help). The module provides ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS = {
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     command_args = command_parser.parse_intermixed_args(rest)
     try:
         return int(module.run(command_args) or 0)
-    except ConfigError as error:
+    except UserError as error:
         if args.verbose or os.environ.get("IVTLR_DEBUG") == "1":
             raise
         # A user error: one line that says what to fix (the traceback with -v or IVTLR_DEBUG=1).

@@ -21,6 +21,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from .errors import UserError
+
 PositionMode = Literal["original", "mrope"]
 LatentGrad = Literal["detach", "full"]
 PatchOrder = Literal["position", "score", "topk"]
@@ -32,7 +34,7 @@ DataFiles = Union[str, list[str], dict[str, Union[str, list[str]]]]
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration file or override that does not fit the schema; the message names the offending key."""
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import datasets
 from PIL import Image
 
+from ..errors import DataFileError, MissingDataFileError
 from .example import OPTION_LETTERS, Example, ExampleSequence, decode_image, option_letter
 
 logger = logging.getLogger(__name__)
@@ -142,22 +143,22 @@ def detect_schema(column_names: list[str]) -> str:
     """Name the schema of a table from its columns: ScienceQA explains with lecture/solution, M3CoT with rationale."""
     columns = set(column_names)
     if {"question", "choices", "answer"} - columns:
-        raise ValueError(f"columns {sorted(columns)} need question, choices and answer")
+        raise DataFileError(f"columns {sorted(columns)} need question, choices and answer")
     if columns & {"lecture", "solution"}:
         return "scienceqa"
     if "rationale" in columns:
         return "m3cot"
-    raise ValueError(f"cannot tell M3CoT from ScienceQA by the columns {sorted(columns)}")
+    raise DataFileError(f"cannot tell M3CoT from ScienceQA by the columns {sorted(columns)}")
 
 
 def _split_files(data_files: DataFiles, split: str) -> list[Path]:
     if isinstance(data_files, Mapping):
         if split not in data_files:
-            raise ValueError(f"no data files for split {split!r}; given splits: {sorted(data_files)}")
+            raise DataFileError(f"no data files for split {split!r}; given splits: {sorted(data_files)}")
         data_files = data_files[split]
     files = [data_files] if isinstance(data_files, (str, Path)) else list(data_files)
     if not files:
-        raise ValueError(f"no data files for split {split!r}")
+        raise DataFileError(f"no data files for split {split!r}")
     return [Path(file) for file in files]
 
 
@@ -167,12 +168,31 @@ def _load_local(files: list[Path], split: str, cache_dir: str | None) -> list[_P
     for file in files:
         builder = LOCAL_BUILDERS.get(file.suffix.lower())
         if builder is None:
-            raise ValueError(f"{file}: unsupported file type (use one of {sorted(LOCAL_BUILDERS)})")
+            raise DataFileError(f"{file}: unsupported file type (use one of {sorted(LOCAL_BUILDERS)})")
         if not file.is_file():
-            raise FileNotFoundError(f"data file not found: {file}")
-        table = datasets.load_dataset(builder, data_files={split: [str(file)]}, split=split, cache_dir=cache_dir)
+            raise MissingDataFileError(f"data file not found: {file}")
+        if file.stat().st_size == 0:
+            raise DataFileError(f"{file}: the file is empty (a {split} split needs at least one row)")
+        if builder == "json":
+            _check_utf8(file)  # pyarrow reads a bad byte inside a string and fails later, naming no file or row
+        try:
+            table = datasets.load_dataset(builder, data_files={split: [str(file)]}, split=split, cache_dir=cache_dir)
+        except Exception as error:  # datasets and pyarrow raise many kinds; each names neither file nor row
+            raise DataFileError(f"{file}: cannot be read as {builder}: {type(error).__name__}: {error}") from error
         parts.append(_Part(table, file.resolve().parent))
     return parts
+
+
+def _check_utf8(file: Path) -> None:
+    """Refuse a text data file with a byte that is not UTF-8, naming the line and column."""
+    with file.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                raise DataFileError(f"{file}: cannot be read as json: line {number} is not UTF-8 (byte "
+                                    f"{line[bad.start]:#04x} at column {bad.start + 1}); save the file as UTF-8"
+                                    ) from None
 
 
 def _open_source(
@@ -185,9 +205,10 @@ def _open_source(
         table = datasets.load_dataset(hub_id, split=split, cache_dir=cache_dir)
         return hub_schemas[hub_id], [_Part(table, None)]
     if source not in (*SCHEMAS, "auto"):
-        raise ValueError(f"unknown source {source!r}: use one of {sorted(hub_schemas)}, {sorted(SCHEMAS)} or 'auto'")
+        raise DataFileError(f"unknown source {source!r}: use one of {sorted(hub_schemas)}, {sorted(SCHEMAS)} or "
+                            "'auto'")
     if data_files is None:
-        raise ValueError(f"source {source!r} needs data_files")
+        raise DataFileError(f"source {source!r} needs data_files")
     parts = _load_local(_split_files(data_files, split), split, cache_dir)
     columns = parts[0].table.column_names
     if source == "auto":
@@ -206,7 +227,7 @@ def _check_columns_fit(schema: str, columns: list[str]) -> None:
         logger.debug("schema of %s not recognisable (%s); reading it as %s", columns, error, schema)
         return
     if detected != schema:
-        raise ValueError(f"source {schema!r} given, but the columns {sorted(columns)} are those of {detected!r}")
+        raise DataFileError(f"source {schema!r} given, but the columns {sorted(columns)} are those of {detected!r}")
 
 
 def _as_undecoded_images(table: datasets.Dataset) -> datasets.Dataset:

@@ -21,6 +21,7 @@ from ..scoring import format_summary_table
 from ..training.datasets import resolve_source
 from .loading import (LoadedModel, add_device_argument, add_model_arguments, load_config_model, load_requested_model,
                       resolve_device)
+from .provenance import checkpoint_identity, config_model_identity, data_identity, original_identity
 from .runner import GenerationSettings, evaluate, evaluation_summary, group_keys_for
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for the predictions and the summary (default: save_path/name/eval)")
     add_device_argument(parser)
+    parser.add_argument("--fresh", action="store_true",
+                        help="start the predictions file again (an existing one is moved aside, not deleted)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -55,6 +58,29 @@ def load_eval_examples(config: Config) -> ExampleSequence:
     source, data_files = resolve_source(dataset)
     return load_examples(source, dataset.eval_split, data_files=data_files, keep_no_image=dataset.keep_no_image,
                          use_context=dataset.use_context, limit=dataset.limit)
+
+
+def weights_identity(args: argparse.Namespace, config: Config) -> dict[str, str]:
+    """What the answers come from, by content (:mod:`ivtlr.evaluation.provenance`)."""
+    if args.checkpoint is not None:
+        return checkpoint_identity(args.checkpoint)
+    if args.original is not None:
+        return original_identity(args.original, args.base)
+    return config_model_identity(config.model)
+
+
+def provenance_of(args: argparse.Namespace, config: Config, model: LoadedModel, settings: GenerationSettings
+                  ) -> dict:
+    """Everything that changes an answer: weights, data, generation settings (not the batch size: answers are
+    batch-invariant)."""
+    dataset = config.dataset
+    _, data_files = resolve_source(dataset)
+    return {"weights": weights_identity(args, config), "mode": model.mode, "n_latent": settings.n_latent,
+            "num_selected_patches": model.engine.num_selected_patches, "max_new_tokens": settings.max_new_tokens,
+            "image_size": settings.image_size, "answer_rule": config.eval.answer_rule, "dtype": str(model.dtype),
+            "dataset": {"source": dataset.source, "split": dataset.eval_split, "files": data_identity(data_files),
+                        "limit": dataset.limit, "use_context": dataset.use_context,
+                        "keep_no_image": dataset.keep_no_image}}
 
 
 def run_label(args: argparse.Namespace) -> str:
@@ -81,13 +107,15 @@ def run(args: argparse.Namespace) -> int:
     logger.info("evaluating %s (mode %s, %d latent steps, K=%d) on %d questions -> %s", model.source, model.mode,
                 n_latent, model.engine.num_selected_patches, len(examples), predictions)
     start = time.perf_counter()
+    provenance = provenance_of(args, config, model, settings)
     records = evaluate(model, examples, predictions, settings, batch_size=config.eval.batch_size,
-                       answer_rule=config.eval.answer_rule, progress=not args.no_progress)
+                       answer_rule=config.eval.answer_rule, progress=not args.no_progress, provenance=provenance,
+                       fresh=args.fresh)
     run_info = {"model": model.source, "mode": model.mode, "n_latent": n_latent,
                 "num_selected_patches": model.engine.num_selected_patches, "dataset": config.dataset.source,
                 "split": config.dataset.eval_split, "answer_rule": config.eval.answer_rule,
                 "max_new_tokens": config.eval.max_new_tokens, "batch_size": config.eval.batch_size,
-                "device": str(device), "predictions": str(predictions),
+                "device": str(device), "predictions": str(predictions), "weights": provenance["weights"],
                 "wall_seconds_this_run": time.perf_counter() - start}
     summary = evaluation_summary(records, group_keys_for(examples), run_info)
     summary_path.parent.mkdir(parents=True, exist_ok=True)

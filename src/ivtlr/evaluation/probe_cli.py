@@ -15,7 +15,7 @@ from pathlib import Path
 from ..config import ConfigError, load_config
 from ..files import write_text_atomically
 from ..machine import cpu_model_name
-from .cli import load_eval_examples, load_model, run_label
+from .cli import load_eval_examples, load_model, run_label, weights_identity
 from .loading import add_device_argument, add_model_arguments, resolve_device
 from .probe import PROBE_GROUPS, ConditionResult, plan_conditions, probe_summary, run_probe
 from .probe_report import markdown_table, write_probe_outputs
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     results = run_probe(model, list(examples), conditions, batch_size=config.eval.batch_size,
                         max_new_tokens=config.eval.max_new_tokens, image_size=model.image_size,
                         rule=config.eval.answer_rule, seed=args.seed, progress=not args.no_progress)
-    run_info = {"model": model.source, "mode": model.mode, "n_latent": n_latent, "num_selected_patches": k,
+    run_info = {"model": model.source, "weights": weights_identity(args, config), "mode": model.mode, "n_latent": n_latent, "num_selected_patches": k,
                 "split": config.dataset.eval_split, "questions": len(examples),
                 "answer_rule": config.eval.answer_rule, "max_new_tokens": config.eval.max_new_tokens,
                 "batch_size": config.eval.batch_size, "seed": args.seed, "device": str(device),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from ..data import Example, build_generation_batch, format_prompt_text
 from ..scoring import (ExtractionRule, PredictionRecord, accuracy_by_rule, append_jsonl, load_done_ids,
                        read_predictions, scienceqa_context_type, summarize)
 from .loading import LoadedModel
+from .provenance import claim_predictions, exclusive_writer
 
 logger = logging.getLogger(__name__)
 
@@ -93,13 +94,27 @@ def group_keys_for(examples: Sequence[Example]) -> tuple[str, ...]:
 
 def evaluate(model: LoadedModel, examples: Sequence[Example], predictions_path: str | Path,
              settings: GenerationSettings, *, batch_size: int, answer_rule: ExtractionRule = "original",
-             progress: bool = True) -> list[PredictionRecord]:
+             progress: bool = True, provenance: Mapping[str, Any] | None = None,
+             fresh: bool = False) -> list[PredictionRecord]:
     """Answer every example not yet in ``predictions_path`` and append the scored records batch by batch.
 
+    ``provenance`` (what produces the answers: weights, data, settings) is recorded next to a new file and must match
+    the record of an existing one (:mod:`ivtlr.evaluation.provenance`); ``fresh`` moves an existing file aside. One
+    writer at a time: a second evaluation of the same file is refused while this one runs.
     Returns the records of all ``examples`` (those written by earlier, interrupted runs included), in file order.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    predictions_path = Path(predictions_path)
+    with exclusive_writer(predictions_path):
+        if provenance is not None:
+            claim_predictions(predictions_path, provenance, fresh=fresh)
+        return _answer_pending(model, examples, predictions_path, settings, batch_size, answer_rule, progress)
+
+
+def _answer_pending(model: LoadedModel, examples: Sequence[Example], predictions_path: Path,
+                    settings: GenerationSettings, batch_size: int, answer_rule: ExtractionRule, progress: bool
+                    ) -> list[PredictionRecord]:
     done = load_done_ids(predictions_path)
     if done:
         logger.info("%s holds %d answered questions: resuming", predictions_path, len(done))
