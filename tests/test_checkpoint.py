@@ -63,10 +63,9 @@ def test_loads_without_the_training_config_and_generates(trained, copy):
     examples = list(load_examples("m3cot", "test", data_files={"test": str(files["test"])}))
     batch = build_generation_batch(components.processor, examples, meta.n_latent, components.latent_token_id,
                                    image_size=meta.image_size)
-    inputs = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"])
-    moved = engine.generate(*inputs, max_new_tokens=5)
+    moved = engine.generate(**batch, max_new_tokens=5)
     original, _, _ = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))
-    assert torch.equal(moved, original.generate(*inputs, max_new_tokens=5))
+    assert torch.equal(moved, original.generate(**batch, max_new_tokens=5))
 
 
 def test_a_truncated_file_is_named(copy):
@@ -80,7 +79,7 @@ def test_a_damaged_file_of_the_right_size_is_named(copy):
     weights = copy / FULL_WEIGHTS_FILE
     weights.write_bytes(b"\0" * weights.stat().st_size)
     model = load_components("tiny:qwen2_vl", image_size=56).model
-    with pytest.raises(CheckpointError, match=f"{weights} cannot be read"):
+    with pytest.raises(CheckpointError, match=f"{weights} does not match its SHA-256 digest"):
         load_weights(model, copy)
 
 
@@ -111,10 +110,16 @@ def test_full_weights_do_not_load_into_a_lora_model(copy, tmp_path):
     assert description["weights"] == "full" and not (copy / ADAPTER_FILE).exists()
 
 
-def test_rerunning_over_a_damaged_newest_checkpoint_stops_with_its_name(trained, tmp_path):
+def test_rerunning_over_a_damaged_newest_checkpoint_resumes_from_the_one_before(trained, tmp_path, caplog):
     config, run_dir, _ = trained
     moved_run = shutil.copytree(run_dir, tmp_path / "runs" / "run")
     newest = latest_checkpoint(moved_run / "checkpoints")
+    before = {key: value.clone() for key, value in checkpoint_weights(newest).items()}  # not views of the file
     (newest / FULL_WEIGHTS_FILE).write_bytes(b"")
-    with pytest.raises(CheckpointError, match=str(newest / FULL_WEIGHTS_FILE)):
-        train_in_process(config, f"save_path={tmp_path / 'runs'}", "num_epochs=5")
+    train_in_process(config, f"save_path={tmp_path / 'runs'}", "num_epochs=5")
+    assert f"skipping damaged checkpoint {newest}" in caplog.text and str(newest / FULL_WEIGHTS_FILE) in caplog.text
+    # Epoch 3 trained again from checkpoint 3 gives checkpoint 4 back, bit for bit; then epoch 4.
+    assert [c.name for c in checkpoint_dirs(moved_run / "checkpoints")] == ["checkpoint-00000004",
+                                                                            "checkpoint-00000005"]
+    again = checkpoint_weights(newest)
+    assert before.keys() == again.keys() and all(torch.equal(before[k], again[k]) for k in before)

@@ -5,6 +5,7 @@ import subprocess
 import time
 
 import pytest
+import yaml
 from schema_files import write_m3cot_files
 from train_runs import (column, final_weights, max_difference, single_thread, subprocess_env, train_command,
                         train_in_process, write_config)
@@ -56,3 +57,25 @@ def test_rerunning_a_finished_run_trains_nothing(tmp_path):
     train_in_process(config)
     assert column(run_dir, "step") == [1, 2]
     assert max_difference(final_weights(run_dir), before) == 0.0
+
+
+def test_rerunning_a_finished_run_with_changed_settings_keeps_its_config(tmp_path, caplog):
+    files = write_m3cot_files(tmp_path / "data", n_train=2, n_test=1)
+    config = write_config(tmp_path, files, num_epochs=2)
+    run_dir = train_in_process(config)
+    recorded = (run_dir / "config.yaml").read_bytes()
+    train_in_process(config, "lr=0.5", "keep_last=1")
+    assert (run_dir / "config.yaml").read_bytes() == recorded  # nothing trained: the run's record stays
+    assert "nothing trains" in caplog.text
+    assert "lr: 0.001 -> 0.5" in caplog.text and "keep_last: None -> 1" in caplog.text
+    assert column(run_dir, "step") == [1, 2]
+
+
+def test_continuing_a_run_with_changed_settings_records_them_and_says_so(tmp_path, caplog):
+    files = write_m3cot_files(tmp_path / "data", n_train=2, n_test=1)
+    config = write_config(tmp_path, files, num_epochs=1)
+    run_dir = train_in_process(config)
+    train_in_process(config, "num_epochs=2")
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["num_epochs"] == 2
+    assert "settings that differ" in caplog.text and "num_epochs: 1 -> 2" in caplog.text
+    assert column(run_dir, "step") == [1, 2]

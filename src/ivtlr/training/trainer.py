@@ -5,17 +5,21 @@ trains curriculum stage ``e // epochs_per_stage``. The loss of an optimizer step
 token of its accumulation window on every process, so the update does not depend on how a global batch is split
 over processes and micro-batches. Checkpoints (``ivtlr.checkpoint``) are written at every stage end and every
 ``save_every_steps`` optimizer steps (every epoch end when that is null); re-running the same command continues
-from the newest one. ``debug: true`` trains on the first examples only (two optimizer steps per epoch), writes
-metrics.jsonl but no checkpoint, and neither resumes nor starts TensorBoard / wandb.
+from the newest intact one (a damaged newer one is skipped with a warning). ``config.yaml`` is written only when
+training proceeds, so re-running a finished run with other settings leaves the run's record alone. ``debug: true``
+trains on the first examples only (two optimizer steps per epoch), writes metrics.jsonl but no checkpoint, and
+neither resumes nor starts TensorBoard / wandb.
 """
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator, DistributedType
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, set_seed
@@ -23,18 +27,19 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ..checkpoint import (TRAINING_STATE_DIR, CheckpointMeta, checkpoint_dirs, clean_temporary_dirs,
-                          latest_checkpoint, load_weights, read_meta, save_checkpoint)
+from ..checkpoint import (CheckpointError, CheckpointMeta, checkpoint_dirs, clean_temporary_dirs, load_weights,
+                          save_checkpoint, training_state_dir, verify_checkpoint)
 from ..config import Config, save_config
 from ..data import IGNORE_INDEX, Curriculum, CurriculumDataset, IVTLRCollator
 from ..metrics_log import MetricsLogger, tracker_names
 from .datasets import epoch_order, process_batches, training_examples
 from .model import build_training_model, fsdp_wrap_classes, latents_at_stage
+from .state import load_training_state, save_training_state
 
 logger = get_logger(__name__)
 
-ENGINE_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw")
 CHECKPOINTS_DIR = "checkpoints"
+CONFIG_FILE = "config.yaml"
 #: A debug run trains on this many optimizer steps' worth of examples per epoch and saves no checkpoint.
 DEBUG_STEPS_PER_EPOCH = 2
 
@@ -79,22 +84,55 @@ class Trainer:
                                      latents_per_step=config.latents_per_step, mode=config.mode)
 
     # ------------------------------------------------------------------------------------------------ setup
-    def _checkpoint_to_resume(self) -> Path | None:
-        """``resume: E`` -> the checkpoint that ended epoch E-1 (if any); else the newest checkpoint of the run."""
+    def _checkpoint_to_resume(self) -> tuple[Path | None, CheckpointMeta | None]:
+        """The newest intact checkpoint to continue (``resume: E``: the newest that ended epoch E-1), and its
+        verified description. Damaged ones are skipped with a warning; if some were and none is intact, an error."""
         config = self.config
         if config.debug:
-            return None
+            return None, None
+        damaged = []
+        for path in reversed(checkpoint_dirs(self.checkpoint_root)):
+            try:
+                meta = verify_checkpoint(path, training_state=True)
+            except CheckpointError as error:
+                logger.warning("skipping damaged checkpoint %s: %s", path, error)
+                damaged.append(f"{path.name}: {error}")
+                continue
+            if not config.resume or (meta.epoch == config.resume and meta.batch == 0):
+                if damaged:
+                    logger.warning("resuming from %s, the newest intact checkpoint (skipped %d newer)", path,
+                                   len(damaged))
+                return path, meta
+        if damaged:
+            wanted = f"of the end of epoch {config.resume - 1} " if config.resume else ""
+            raise CheckpointError(f"no intact checkpoint {wanted}to resume in {self.checkpoint_root}; skipped as "
+                                  f"damaged: {'; '.join(damaged)}. Restore them, or delete them to train from the "
+                                  "start")
         if config.resume:
-            ended = [d for d in checkpoint_dirs(self.checkpoint_root)
-                     if (meta := read_meta(d)).epoch == config.resume and meta.batch == 0]
-            if not ended:
-                # With load_model_path this is the documented way to continue another run's checkpoint at epoch E;
-                # without it, training a later stage from the bare base model is more likely a mistake.
-                log = logger.info if config.load_model_path else logger.warning
-                log("resume=%d: no checkpoint of the end of epoch %d in %s; epoch %d starts from %s", config.resume,
-                    config.resume - 1, self.checkpoint_root, config.resume, config.load_model_path or config.model)
-            return ended[-1] if ended else None
-        return latest_checkpoint(self.checkpoint_root)
+            # With load_model_path this is the documented way to continue another run's checkpoint at epoch E;
+            # without it, training a later stage from the bare base model is more likely a mistake.
+            log = logger.info if config.load_model_path else logger.warning
+            log("resume=%d: no checkpoint of the end of epoch %d in %s; epoch %d starts from %s", config.resume,
+                config.resume - 1, self.checkpoint_root, config.resume, config.load_model_path or config.model)
+        return None, None
+
+    def _record_config(self, progress: Progress) -> None:
+        """Write ``config.yaml`` when this call trains, warning about settings that differ from the run's saved
+        ones; when every epoch is done already, keep the run's own record and say what was not applied."""
+        path = self.config.run_dir / CONFIG_FILE
+        changed = _changed_settings(path, self.config)
+        if progress.epoch >= self.config.num_epochs:
+            if changed:
+                logger.warning("every epoch of %s is trained already: nothing trains, so these settings were not "
+                               "applied and %s keeps the run's own: %s. To train with them, choose another name or "
+                               "save_path (or raise num_epochs)", self.config.run_dir, path, changed)
+            return
+        if changed:
+            logger.warning("continuing %s with settings that differ from its %s: %s", self.config.run_dir, path,
+                           changed)
+        tmp = path.with_name(f".{CONFIG_FILE}.tmp")
+        save_config(self.config, tmp)
+        os.replace(tmp, path)
 
     def _prepare_distributed(self, model) -> None:
         acc = self.accelerator
@@ -114,17 +152,16 @@ class Trainer:
         set_seed(config.seed)
         if acc.is_main_process:
             config.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, config.run_dir / "config.yaml")
             clean_temporary_dirs(self.checkpoint_root)
         acc.wait_for_everyone()
-        checkpoint = self._checkpoint_to_resume()
+        checkpoint, meta = self._checkpoint_to_resume()
         debug_limit = DEBUG_STEPS_PER_EPOCH * self.global_batch * config.gradient_accumulation_steps
         with acc.main_process_first():
             examples = training_examples(config, limit=debug_limit if config.debug else None)
         components, engine = build_training_model(config)
         progress = Progress(epoch=config.resume)
         if checkpoint is not None:
-            meta = load_weights(components.model, checkpoint)
+            load_weights(components.model, checkpoint, meta)
             if meta.batch and meta.global_batch_size != self.global_batch:
                 raise ValueError(f"{checkpoint} stopped mid-epoch with global batch {meta.global_batch_size}; "
                                  f"resuming it needs the same (now {self.global_batch})")
@@ -139,15 +176,16 @@ class Trainer:
         # Stepped here once per optimizer step (a prepared scheduler would step once per process).
         scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.warmup_steps)
         engine, optimizer = acc.prepare(engine, optimizer)
-        acc.register_for_checkpointing(scheduler)
         if checkpoint is not None:
-            acc.load_state(str(checkpoint / TRAINING_STATE_DIR))
+            load_training_state(acc, optimizer, scheduler, training_state_dir(checkpoint, meta), meta)
+        if acc.is_main_process:
+            self._record_config(progress)
         text_config = components.model.config.get_text_config()
         collator = IVTLRCollator(components.processor, components.latent_token_id, image_size=config.image_size,
                                  max_length=config.max_length or text_config.max_position_embeddings,
                                  skip_too_long=True)
         run = _Run(self, engine, optimizer, scheduler, components, CurriculumDataset(examples, self.curriculum),
-                   collator, progress)
+                   collator, progress, checkpoint)
         result = run.epochs()
         acc.end_training()
         return result
@@ -157,11 +195,11 @@ class _Run:
     """The state of one ``Trainer.train`` call: the prepared objects, the progress and the logging sinks."""
 
     def __init__(self, trainer: Trainer, engine, optimizer, scheduler, components, dataset: CurriculumDataset,
-                 collator: IVTLRCollator, progress: Progress):
+                 collator: IVTLRCollator, progress: Progress, checkpoint: Path | None):
         self.trainer, self.config, self.acc = trainer, trainer.config, trainer.accelerator
         self.engine, self.optimizer, self.scheduler = engine, optimizer, scheduler
         self.components, self.dataset, self.collator, self.progress = components, dataset, collator, progress
-        self.checkpoint = latest_checkpoint(trainer.checkpoint_root) if not self.config.debug else None
+        self.checkpoint = checkpoint  # the newest intact checkpoint: the one resumed, then each one saved
         self.metrics = MetricsLogger(self.acc, self.config.run_dir, jsonl="jsonl" in self.config.log_with,
                                      project=self.config.project, run_name=self.config.name,
                                      config=self.config.to_dict(), start_step=progress.step)
@@ -230,7 +268,8 @@ class _Run:
         scale = acc.num_processes * acc.gradient_accumulation_steps / window_tokens
         totals = torch.zeros(3, device=acc.device)  # summed token loss, samples, latent slots
         for batch, n_tokens in zip(window, tokens):
-            inputs = {key: batch[key].to(acc.device) for key in ENGINE_INPUTS if key in batch}
+            # Ids, mask, labels and whatever the family's processor returned: the engine hands the rest to the backbone.
+            inputs = {key: value.to(acc.device) for key, value in batch.items()}
             with acc.accumulate(self.engine):
                 output = self.engine(**inputs)
                 token_loss = output.loss * n_tokens
@@ -271,8 +310,9 @@ class _Run:
             mode=config.mode, image_size=config.image_size, base_seed=config.seed, stage=stage,
             epoch=progress.epoch, batch=progress.batch, step=progress.step,
             global_batch_size=self.trainer.global_batch)
-        self.checkpoint = save_checkpoint(self.acc, self.engine, components.processor, meta,
-                                          self.trainer.checkpoint_root, keep_last=config.keep_last)
+        self.checkpoint = save_checkpoint(
+            self.acc, self.engine, components.processor, meta, self.trainer.checkpoint_root,
+            lambda directory: save_training_state(self.acc, self.scheduler, directory), keep_last=config.keep_last)
 
 
 def _reset_optimizer_state(optimizer) -> None:
@@ -282,6 +322,30 @@ def _reset_optimizer_state(optimizer) -> None:
     while hasattr(inner, "optimizer"):
         inner = inner.optimizer
     inner.state.clear()
+
+
+def _changed_settings(path: Path, config: Config) -> str:
+    """``key: saved -> now`` for each setting of ``config`` that differs from the YAML at ``path`` ('' if none or no
+    file)."""
+    if not path.is_file():
+        return ""
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        return f"{path} is unreadable ({error})"
+    if not isinstance(saved, dict):
+        return f"{path} holds no settings"
+    saved, now = _flat(saved), _flat(config.to_dict())
+    keys = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key))
+    return ", ".join(f"{key}: {saved.get(key)!r} -> {now.get(key)!r}" for key in keys)
+
+
+def _flat(section: dict, prefix: str = "") -> dict:
+    """Nested config sections -> ``section.key`` entries."""
+    flat = {}
+    for key, value in section.items():
+        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return flat
 
 
 def train(config: Config) -> TrainResult:
