@@ -187,7 +187,8 @@ def _image_cell_for_parquet(value: Any) -> Any:
     return value
 
 
-def write_rows(directory: str | Path, split: str, rows: list[dict[str, Any]], schema: Schema, fmt: Format = "parquet") -> Path:
+def write_rows(directory: str | Path, split: str, rows: list[dict[str, Any]], schema: Schema,
+               fmt: Format = "parquet") -> Path:
     """Write `rows` as `<directory>/<split>.<fmt>`; `image` may be a PIL image, raw bytes, a path string or None."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

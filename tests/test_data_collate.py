@@ -126,7 +126,8 @@ def test_too_long_samples_can_be_skipped_and_counted(tiny, caplog):
 
 
 def test_training_batch_runs_through_the_real_model(tiny):
-    text_only = TrainingItem("t", None, format_prompt_text("Which is one?", ["one", "two"]), 1, "Therefore, the answer is A")
+    text_only = TrainingItem("t", None, format_prompt_text("Which is one?", ["one", "two"]), 1,
+                             "Therefore, the answer is A")
     batch = IVTLRCollator(tiny.processor, tiny.latent_token_id)([*items(), text_only])
     inputs = {key: value for key, value in batch.items() if key != "labels"}
     with torch.no_grad():

@@ -67,7 +67,6 @@ def test_original_checkpoint_end_to_end(tmp_path, capsys):
         assert (record["domain"], record["topic"]) == ("science", "handwriting")
         assert record["messages"][0] == format_prompt_text(example.question, example.choices)
         batch = build_generation_batch(processor, [example], 3, engine.latent_token_id, image_size=IMAGE_SIZE)
-        batch.pop("mm_token_type_ids")
         alone = engine.generate(**batch, max_new_tokens=6, return_dict=True)
         assert record["messages"][1] == decode(processor.tokenizer, alone.sequences[0, : alone.lengths[0]])
         assert record["n_generated_tokens"] == int(alone.lengths[0])
@@ -94,7 +93,8 @@ def test_resume_skips_written_ids_and_redoes_a_torn_line(tmp_path):
                earlier_record(rows[0]["id"], rows[0]["answer"], "A")]  # a right one
     predictions = out / "predictions_untrained_test_ivtlr_latent2.jsonl"
     assert predictions.exists()
-    torn = json.dumps(earlier_record(rows[1]["id"], rows[1]["answer"], "C"))[:40]  # a crash in the middle of writing row 1
+    # a crash in the middle of writing row 1
+    torn = json.dumps(earlier_record(rows[1]["id"], rows[1]["answer"], "C"))[:40]
     predictions.write_text("".join(json.dumps(r) + "\n" for r in earlier) + torn)
 
     records, summary = run_eval(config, out)
@@ -156,7 +156,6 @@ def test_modes_set_latents_and_patches(tmp_path, mode, n_latent, patches):
     assert model.engine.latent_text == (mode != "latent_vision_only")
     examples = list(load_examples("m3cot", "test", data_files=files))
     batch = build_generation_batch(model.processor, examples, n_latent, model.engine.latent_token_id, image_size=56)
-    batch.pop("mm_token_type_ids")
     out = model.engine.generate(**batch, max_new_tokens=5, return_dict=True)
     assert [len(s) for s in out.selected] == [n_latent] * len(examples)
     for b, record in enumerate(records):
@@ -179,7 +178,6 @@ def test_checkpoint_answers_with_its_final_stage(tmp_path):
     examples = list(load_examples("m3cot", "test", data_files=files))
     batch = build_generation_batch(components.processor, examples, 1, engine.latent_token_id,
                                    image_size=meta.image_size)
-    batch.pop("mm_token_type_ids")
     generated = engine.generate(**batch, max_new_tokens=5, return_dict=True)
     assert [r["messages"][1] for r in records] == [
         decode(components.tokenizer, generated.sequences[b, : generated.lengths[b]]) for b in range(len(examples))]

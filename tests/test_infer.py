@@ -15,7 +15,7 @@ from ivtlr.checkpoint import latest_checkpoint, load_checkpoint
 from ivtlr.cli import main
 from ivtlr.data import Example, build_generation_batch
 from ivtlr.explain import OUTLINE_PX, STEP_PALETTE, patch_grid_boxes
-from ivtlr.inference import processor_view
+from ivtlr.backbones import get_backbone
 from ivtlr.processors import load_processor
 from ivtlr.scoring import extract_answer
 from ivtlr.tiny import build_tiny, make_test_image
@@ -71,14 +71,13 @@ def test_infer_prints_the_answer_and_draws_the_selected_patches(tmp_path, capsys
     processor = load_processor(str(base), "qwen2_vl")
     example = Example("q", Image.open(image_path).convert("RGB"), QUESTION, CHOICES, "A", "")
     batch = build_generation_batch(processor, [example], N_LATENT, engine.latent_token_id, image_size=IMAGE_SIZE)
-    batch.pop("mm_token_type_ids")
     with torch.no_grad():
         selected = [step.tolist() for step in engine(**batch).selected[0]]
         generated = engine.generate(**batch, max_new_tokens=6)[0]
     text = processor.tokenizer.decode(generated.tolist(), skip_special_tokens=True)
     assert capsys.readouterr().out.splitlines()[-2:] == printed_lines(text, CHOICES)
 
-    grid = engine.image_grid(batch["image_grid_thw"], 0)
+    grid = engine.image_grid(batch, 0)
     assert grid == (4, 4) and [len(s) for s in selected] == [K] * N_LATENT
     assert_outlines(picture, IMAGE_SIZE, grid, selected)
 
@@ -96,13 +95,12 @@ def test_infer_from_a_trained_checkpoint(tmp_path, capsys, caplog):
     example = Example("q", Image.open(image_path).convert("RGB"), QUESTION, CHOICES, "A", "")
     batch = build_generation_batch(components.processor, [example], meta.n_latent, engine.latent_token_id,
                                    image_size=meta.image_size)
-    batch.pop("mm_token_type_ids")
     out = engine.generate(**batch, max_new_tokens=5, return_dict=True)
     text = components.tokenizer.decode(out.sequences[0, : out.lengths[0]].tolist(), skip_special_tokens=True)
     assert capsys.readouterr().out.splitlines()[-2:] == printed_lines(text, CHOICES)
     selected = [step.tolist() for step in out.selected[0]]
     assert meta.image_size == 56 and [len(s) for s in selected] == [meta.num_selected_patches] * meta.n_latent == [2]
-    assert_outlines(picture, meta.image_size, engine.image_grid(batch["image_grid_thw"], 0), selected)
+    assert_outlines(picture, meta.image_size, engine.image_grid(batch, 0), selected)
 
     # A picture that cannot be written (its folder is a file) costs a warning, not the answer.
     unwritable = picture / "steps.png"
@@ -144,7 +142,8 @@ def test_processor_view_is_what_the_processor_feeds_the_model(family, size):
         fed = unnormalise(encoded["pixel_values"][0], image_processor)
     else:
         fed = qwen_pixels(encoded, image_processor)
-    view = np.asarray(processor_view(bundle.processor, image, encoded.get("image_grid_thw"))).astype(float)
+    backbone = get_backbone(bundle.model)
+    view = np.asarray(backbone.processor_view(image_processor, image, encoded, 0)).astype(float)
     assert view.shape == fed.shape
     assert np.abs(view - fed).max() < 0.01
 

@@ -59,8 +59,7 @@ def latent_rows(out, b: int) -> torch.Tensor:
 
 
 def image_rows(engine, batch) -> list[torch.Tensor]:
-    return engine.image_token_embeddings(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                                         batch["image_grid_thw"])
+    return engine.image_token_embeddings(**batch)
 
 
 def full_pass_hidden(engine, out, b: int) -> torch.Tensor:

@@ -55,8 +55,7 @@ def test_curriculum_stages_0_to_3_and_the_checkpoint_generates(tmp_path, family)
     test = load_examples(schema, "test", data_files={"test": str(files["test"])})
     batch = build_generation_batch(components.processor, list(test), meta.n_latent, components.latent_token_id,
                                    image_size=meta.image_size)
-    out = engine.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                          batch.get("image_grid_thw"), max_new_tokens=6, return_dict=True)
+    out = engine.generate(**batch, max_new_tokens=6, return_dict=True)
     assert out.sequences.shape[0] == 2 and 1 <= out.sequences.shape[1] <= 6
     assert [len(steps) for steps in out.selected] == [3, 3]  # the chain ran meta.n_latent steps per question
     assert all(isinstance(text, str) for text in components.tokenizer.batch_decode(out.sequences))

@@ -10,7 +10,7 @@ cached path to.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -127,19 +127,22 @@ class IVTLR(nn.Module):
                              **kwargs)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
-                image_grid_thw: torch.Tensor | None = None,
-                intervention: LatentIntervention | None = None) -> IVTLROutput:
-        """The final sequences' logits (and loss, with ``labels``). ``intervention`` replaces what the latent steps
-        feed back or insert (:mod:`ivtlr.interventions`; off by default)."""
+                labels: torch.Tensor | None = None, *, intervention: LatentIntervention | None = None,
+                **vision_inputs: torch.Tensor | None) -> IVTLROutput:
+        """The final sequences' logits (and loss, with ``labels``).
+
+        ``vision_inputs``: whatever the family's processor returned beside the ids and the mask (``pixel_values``,
+        ``image_grid_thw``, ``image_sizes``, ...), handed to the backbone as they are. ``intervention`` replaces what
+        the latent steps feed back or insert (:mod:`ivtlr.interventions`; off by default)."""
+        vision = _vision(vision_inputs)
         intervention = intervention or NO_INTERVENTION
         if self.recompute and not intervention.is_identity:
             raise ValueError("interventions run on the cached chain; build the engine with recompute=False")
         if self.recompute:
             from .recompute import recompute_forward
 
-            return recompute_forward(self, input_ids, attention_mask, labels, pixel_values, image_grid_thw)
-        layouts = self._layouts(input_ids, attention_mask, labels, pixel_values, image_grid_thw)
+            return recompute_forward(self, input_ids, attention_mask, labels, vision)
+        layouts = self._layouts(input_ids, attention_mask, labels, vision)
         grad = torch.is_grad_enabled()
         checkpointing = grad and self._gradient_checkpointing_active()
         # Gradient checkpointing cannot keep a cache inside the autograd graph. With detached latents only the final
@@ -149,7 +152,7 @@ class IVTLR(nn.Module):
         chain_grad = grad and not (checkpointing and self.latent_grad == "detach")
         defer_final = grad and not chain_grad
         intervention.check_batch(len(layouts))
-        runner, selected = self._run_chain(layouts, image_grid_thw, cached=cached, grad=chain_grad,
+        runner, selected = self._run_chain(layouts, vision, cached=cached, grad=chain_grad,
                                            defer_final=defer_final, intervention=intervention)
         if defer_final:
             final_pass = ChainRunner(self.backbone, self.recorder, runner.states, cached=False,
@@ -158,49 +161,50 @@ class IVTLR(nn.Module):
         return self._assemble(runner.states, selected, labels is not None)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                 max_new_tokens: int = 64, *, eos_token_id: int | list[int] | None = None,
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 max_new_tokens: int = 64, eos_token_id: int | list[int] | None = None,
                  pad_token_id: int | None = None, do_sample: bool = False, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None,
                  return_dict: bool = False, intervention: LatentIntervention | None = None,
-                 measure_attention: bool = False) -> torch.Tensor | GenerationOutput:
+                 measure_attention: bool = False, **vision_inputs: torch.Tensor | None
+                 ) -> torch.Tensor | GenerationOutput:
         """Decode after the latent chain, batched, continuing from the chain's own cache.
 
-        ``input_ids`` hold the prompt with its ``<|latent|>`` slots (any padding, marked by ``attention_mask``).
-        Greedy by default; ``do_sample`` draws with ``temperature`` / ``top_p`` / ``top_k`` from ``generator``.
+        ``input_ids`` hold the prompt with its ``<|latent|>`` slots (any padding, marked by ``attention_mask``);
+        ``vision_inputs`` are the processor's other outputs, as for :meth:`forward`. Greedy by default;
+        ``do_sample`` draws with ``temperature`` / ``top_p`` / ``top_k`` from ``generator``.
         Each sample stops at its first EOS (the first generated token included) or after ``max_new_tokens``.
         ``intervention`` replaces what the latent steps feed back or insert (:mod:`ivtlr.interventions`; off by
         default); ``measure_attention`` also reports the attention the answer tokens pay to the latent and patch rows.
         Returns the new ids, (B, T), padded with ``pad_token_id``.
         """
-        (out,) = self.generate_variants(input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens,
-                                        [intervention or NO_INTERVENTION], eos_token_id=eos_token_id,
+        (out,) = self.generate_variants(input_ids, attention_mask, interventions=[intervention or NO_INTERVENTION],
+                                        max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                                         pad_token_id=pad_token_id, do_sample=do_sample, temperature=temperature,
                                         top_p=top_p, top_k=top_k, generator=generator,
-                                        measure_attention=measure_attention)
+                                        measure_attention=measure_attention, **vision_inputs)
         return out if return_dict else out.sequences
 
     @torch.no_grad()
-    def generate_variants(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                          pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None,
-                          max_new_tokens: int, interventions: Sequence[LatentIntervention], *,
+    def generate_variants(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                          interventions: Sequence[LatentIntervention], max_new_tokens: int = 64,
                           eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
                           do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                          generator: torch.Generator | None = None, measure_attention: bool = False
-                          ) -> list[GenerationOutput]:
+                          generator: torch.Generator | None = None, measure_attention: bool = False,
+                          **vision_inputs: torch.Tensor | None) -> list[GenerationOutput]:
         """:meth:`generate` once per intervention on the same batch, the prompt pass computed once and shared."""
         if self.recompute and any(not i.is_identity for i in interventions):
             raise ValueError("interventions run on the cached chain; build the engine with recompute=False")
         eos = self.eos_token_ids if eos_token_id is None else \
             set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
         pad = self.pad_token_id if pad_token_id is None else pad_token_id
-        layouts = self._layouts(input_ids, attention_mask, None, pixel_values, image_grid_thw)
+        vision = _vision(vision_inputs)
+        layouts = self._layouts(input_ids, attention_mask, None, vision)
         for intervention in interventions:
             intervention.check_batch(len(layouts))
         query = measure_attention or max(lay.n_latent for lay in layouts) > 0
         with capture_attention_rows(self.recorder, self.backbone.attn_implementation):
-            prefilled, rows = self._prefill(layouts, image_grid_thw, cached=True, grad=False, query=query)
+            prefilled, rows = self._prefill(layouts, vision, cached=True, grad=False, query=query)
         outputs = []
         for i, intervention in enumerate(interventions):
             runner = prefilled.fork() if i < len(interventions) - 1 else prefilled
@@ -217,15 +221,15 @@ class IVTLR(nn.Module):
 
     @torch.no_grad()
     def image_token_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                               pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None
-                               ) -> list[torch.Tensor]:
+                               **vision_inputs: torch.Tensor | None) -> list[torch.Tensor]:
         """Per sample, (N, D): the image-token embeddings the latent vision inserts rows from (donor images)."""
-        layouts = self._layouts(input_ids, attention_mask, None, pixel_values, image_grid_thw)
+        layouts = self._layouts(input_ids, attention_mask, None, _vision(vision_inputs))
         return [lay.embeds[lay.image_index] for lay in layouts]
 
-    def image_grid(self, image_grid_thw: torch.Tensor | None, sample: int) -> tuple[int, int]:
-        """(rows, cols) of a sample's image-token grid: what ``selected`` indices are laid out on."""
-        return self.backbone.image_grid(image_grid_thw, sample)
+    def image_grid(self, vision_inputs: Mapping[str, torch.Tensor | None], sample: int) -> tuple[int, int]:
+        """(rows, cols) of a sample's image-token grid, what ``selected`` indices are laid out on, from the batch's
+        vision inputs (the processor's outputs)."""
+        return self.backbone.image_grid(_vision(vision_inputs), sample)
 
     # ------------------------------------------------------------------------------------------ internals
     def _gradient_checkpointing_active(self) -> bool:
@@ -234,12 +238,12 @@ class IVTLR(nn.Module):
             else "is_gradient_checkpointing"
         return bool(getattr(model, flag, False)) and model.training
 
-    def _layouts(self, input_ids, attention_mask, labels, pixel_values, image_grid_thw) -> list[_Layout]:
+    def _layouts(self, input_ids, attention_mask, labels, vision: Mapping[str, torch.Tensor]) -> list[_Layout]:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        embedded = self.backbone.embed(input_ids, pixel_values, image_grid_thw)
+        embedded = self.backbone.embed(input_ids, vision)
         layouts = []
         for b in range(input_ids.shape[0]):
             real = attention_mask[b].bool()
@@ -258,7 +262,7 @@ class IVTLR(nn.Module):
                                    prompt_len=prompt_len, n_latent=len(latent_at)))
         return layouts
 
-    def _prompt_segments(self, layouts: list[_Layout], image_grid_thw) -> list[Segment]:
+    def _prompt_segments(self, layouts: list[_Layout], vision: Mapping[str, torch.Tensor]) -> list[Segment]:
         """Right-padded prompts -> one segment each, with the backbone's prompt positions."""
         device = layouts[0].ids.device
         lengths = [lay.prompt_len if lay.n_latent else len(lay.ids) for lay in layouts]
@@ -267,24 +271,25 @@ class IVTLR(nn.Module):
         mask = torch.zeros_like(ids)
         for b, (lay, n) in enumerate(zip(layouts, lengths)):
             ids[b, :n], mask[b, :n] = lay.ids[:n], 1
-        positions, next_start = self.backbone.prompt_positions(ids, mask, image_grid_thw, self.positions)
+        positions, next_start = self.backbone.prompt_positions(ids, mask, vision, self.positions)
         return [Segment(lay.embeds[:n], positions[:, b, :n], lay.labels[:n]) for b, (lay, n) in
                 enumerate(zip(layouts, lengths))], next_start.tolist()
 
-    def _run_chain(self, layouts: list[_Layout], image_grid_thw, *, cached: bool, grad: bool,
+    def _run_chain(self, layouts: list[_Layout], vision: Mapping[str, torch.Tensor], *, cached: bool, grad: bool,
                    defer_final: bool = False, intervention: LatentIntervention = NO_INTERVENTION):
         """Prompt pass, then one pass per latent step; returns the runner (segments and hidden states) and the
         selections. ``defer_final``: the caller re-runs the whole final sequence, so the last pass is skipped."""
         with capture_attention_rows(self.recorder, self.backbone.attn_implementation):
-            runner, rows = self._prefill(layouts, image_grid_thw, cached=cached, grad=grad,
+            runner, rows = self._prefill(layouts, vision, cached=cached, grad=grad,
                                          query=max(lay.n_latent for lay in layouts) > 0)
             selected, _ = self._latent_passes(layouts, runner, rows, grad=grad, defer_final=defer_final,
                                               intervention=intervention)
         return runner, selected
 
-    def _prefill(self, layouts: list[_Layout], image_grid_thw, *, cached: bool, grad: bool, query: bool):
+    def _prefill(self, layouts: list[_Layout], vision: Mapping[str, torch.Tensor], *, cached: bool, grad: bool,
+                 query: bool):
         """The prompt pass; returns the runner and the attention rows of each prompt's last row (or None)."""
-        prompts, next_start = self._prompt_segments(layouts, image_grid_thw)
+        prompts, next_start = self._prompt_segments(layouts, vision)
         states = [SampleState(next_position=int(p)) for p in next_start]
         runner = ChainRunner(self.backbone, self.recorder, states, cached=cached, dtype=layouts[0].embeds.dtype,
                              device=layouts[0].ids.device)
@@ -389,6 +394,11 @@ class IVTLR(nn.Module):
                 rows.append(start + seg.latent_row)
             start += seg.length
         return rows
+
+
+def _vision(vision_inputs: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    """The processor outputs the backbone reads, without the ones given as None."""
+    return {key: value for key, value in vision_inputs.items() if value is not None}
 
 
 class _TokenPicker:

@@ -1,9 +1,8 @@
 """Pictures of which image patches each latent step selected.
 
 IVT-LR copies, at every latent step, the K image tokens the model attends to most. The indices are in
-image-token order (row-major over the token grid), so drawing them only needs the grid shape: Qwen2-VL's
-merged-token grid (``image_grid_thw[1:] // 2``) or Chameleon's 32x32. Only PIL is used, so the picture can
-be made wherever the model runs.
+image-token order (row-major over the token grid), so drawing them only needs the grid shape, which the
+backbone gives (``IVTLR.image_grid``). Only PIL is used, so the picture can be made wherever the model runs.
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from .config import AnswerRule
@@ -48,33 +47,13 @@ def answer_question(model: LoadedModel, image: Image.Image, question: str, choic
     # The gold answer is unknown here; generation reads only the question, the options and the image.
     example = Example(id="question", image=image, question=question, choices=list(choices), answer="", rationale="")
     (answer,), batch = generate_answers(model, [example], settings)
-    thw = batch.get("image_grid_thw")
     has_image = bool((batch["input_ids"] == model.engine.backbone.image_token_id).any())
     return InferenceResult(
         text=answer.text, answer=extract_answer(answer.text, choices, rule), n_tokens=answer.n_tokens,
         selected=[step.tolist() for step in answer.selected],
-        grid_hw=model.engine.image_grid(thw, 0) if has_image else None,
-        seen_image=processor_view(model.processor, resize_image(image, image_size), thw))
-
-
-def processor_view(processor, image: Image.Image, image_grid_thw: torch.Tensor | None) -> Image.Image:
-    """The picture as the image processor shaped it, before normalisation, so token cells fall on its pixels.
-
-    Processors with an image grid (Qwen) resize to whole patches; the others (Chameleon) resize the shortest edge
-    and crop the centre.
-    """
-    image_processor = processor.image_processor
-    resample = getattr(image_processor, "resample", None) or Image.Resampling.BICUBIC
-    if image_grid_thw is not None:
-        _, rows, cols = (int(x) for x in image_grid_thw[0])
-        patch = image_processor.patch_size
-        return image.resize((cols * patch, rows * patch), resample)
-    shortest, crop = image_processor.size["shortest_edge"], image_processor.crop_size
-    scale = shortest / min(image.size)
-    size = (max(shortest, int(image.width * scale)), max(shortest, int(image.height * scale)))
-    resized = image.resize(size, resample)
-    left, top = (resized.width - crop["width"]) // 2, (resized.height - crop["height"]) // 2
-    return resized.crop((left, top, left + crop["width"], top + crop["height"]))
+        grid_hw=model.engine.image_grid(batch, 0) if has_image else None,
+        seen_image=model.engine.backbone.processor_view(model.processor.image_processor,
+                                                        resize_image(image, image_size), batch, 0))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

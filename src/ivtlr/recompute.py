@@ -51,10 +51,9 @@ def _full_pass(engine: "IVTLR", states: list[SampleState], output_attentions: bo
     return out, [len(s) for s in sequences]
 
 
-def recompute_forward(engine: "IVTLR", input_ids, attention_mask, labels, pixel_values,
-                      image_grid_thw) -> "IVTLROutput":
-    layouts = engine._layouts(input_ids, attention_mask, labels, pixel_values, image_grid_thw)
-    prompts, next_start = engine._prompt_segments(layouts, image_grid_thw)
+def recompute_forward(engine: "IVTLR", input_ids, attention_mask, labels, vision) -> "IVTLROutput":
+    layouts = engine._layouts(input_ids, attention_mask, labels, vision)
+    prompts, next_start = engine._prompt_segments(layouts, vision)
     states = [SampleState(segments=[seg], next_position=int(p)) for seg, p in zip(prompts, next_start)]
     taken = [torch.zeros(len(lay.image_index), dtype=torch.bool, device=lay.ids.device) for lay in layouts]
     selected: list[list[torch.Tensor]] = [[] for _ in layouts]

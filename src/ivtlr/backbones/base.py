@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
@@ -84,9 +86,11 @@ class Backbone(ABC):
 
     # ---- computation -----------------------------------------------------------------------------------
     @abstractmethod
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-              image_grid_thw: torch.Tensor | None) -> Embedded:
-        """Input-level embeddings: vision features (or VQ-token embeddings) placed at the image tokens."""
+    def embed(self, input_ids: torch.Tensor, vision: Mapping[str, torch.Tensor]) -> Embedded:
+        """Input-level embeddings: vision features (or VQ-token embeddings) placed at the image tokens.
+
+        ``vision`` holds the processor's outputs beside ids and mask (``pixel_values`` and whatever the family adds);
+        only backbones read its keys."""
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head()(hidden)
@@ -114,7 +118,7 @@ class Backbone(ABC):
         return positions[0]
 
     def prompt_positions(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                         image_grid_thw: torch.Tensor | None, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+                         vision: Mapping[str, torch.Tensor], mode: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions of right-padded prompts, (R, B, P), and each sample's next free position, (B,).
 
         ``original``: a plain 0..len-1 range, as the original trains and as the released checkpoints expect.
@@ -124,8 +128,15 @@ class Backbone(ABC):
         positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
         return positions.unsqueeze(0).expand(self.position_rows, -1, -1), prompt_mask.long().sum(-1)
 
-    def image_grid(self, image_grid_thw: torch.Tensor | None, sample: int) -> tuple[int, int]:
+    def image_grid(self, vision: Mapping[str, torch.Tensor], sample: int) -> tuple[int, int]:
         """(rows, cols) of the image-token grid of one sample, for drawing selections."""
+        raise NotImplementedError
+
+    def processor_view(self, image_processor, image: Image.Image, vision: Mapping[str, torch.Tensor], sample: int
+                       ) -> Image.Image:
+        """The picture as the image processor shaped it, before normalisation, so that the token grid of
+        :meth:`image_grid` falls on its pixels (what ``--explain`` draws on). Default: resized to the grid's
+        patches."""
         raise NotImplementedError
 
     # ---- checkpoint conversion -------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from PIL import Image
 from torch import nn
 
 from .base import Backbone, Embedded
@@ -27,10 +28,11 @@ class ChameleonBackbone(Backbone):
         logits[..., self.model.model.vocabulary_mapping.image_tokens] = torch.finfo(logits.dtype).min
         return logits
 
-    def embed(self, input_ids, pixel_values, image_grid_thw) -> Embedded:
+    def embed(self, input_ids, vision) -> Embedded:
         image_mask = input_ids == self.image_token_id
         n_tokens = int(image_mask.sum())
         ids = input_ids
+        pixel_values = vision.get("pixel_values")
         if n_tokens:
             if pixel_values is None:
                 raise ValueError("input_ids contain <image> tokens but pixel_values is missing")
@@ -41,7 +43,17 @@ class ChameleonBackbone(Backbone):
             ids = input_ids.masked_scatter(image_mask, codes.to(input_ids.dtype))
         return Embedded(embeds=self.input_embeddings()(ids), image_mask=image_mask)
 
-    def image_grid(self, image_grid_thw, sample):
+    def image_grid(self, vision, sample):
         vq = self.config.vq_config
         side = vq.resolution // 2 ** (len(vq.channel_multiplier) - 1)
         return side, side
+
+    def processor_view(self, image_processor, image, vision, sample):
+        """Chameleon's processor resizes the shortest edge and crops the centre."""
+        shortest, crop = image_processor.size["shortest_edge"], image_processor.crop_size
+        resample = getattr(image_processor, "resample", None) or Image.Resampling.BICUBIC
+        scale = shortest / min(image.size)
+        size = (max(shortest, int(image.width * scale)), max(shortest, int(image.height * scale)))
+        resized = image.resize(size, resample)
+        left, top = (resized.width - crop["width"]) // 2, (resized.height - crop["height"]) // 2
+        return resized.crop((left, top, left + crop["width"], top + crop["height"]))

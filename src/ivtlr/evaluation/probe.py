@@ -158,7 +158,7 @@ def run_probe(model: LoadedModel, examples: Sequence[Example], conditions: Seque
             for batch in _batches(examples, batch_size):
                 partners = [examples[(position[e.id] + 1) % len(examples)] for e in batch]
                 donor_inputs = model_inputs(model, partners, 0, image_size)
-                image_rows = model.engine.image_token_embeddings(**_engine_inputs(donor_inputs))
+                image_rows = model.engine.image_token_embeddings(**donor_inputs)
                 latents = [trained_latents[p.id] for p in partners]
                 outs = _answer(model, batch, donor, conditions[0].n_latent, max_new_tokens, image_size, seed,
                                donor_latents=latents, donor_image_embeds=image_rows)
@@ -168,17 +168,12 @@ def run_probe(model: LoadedModel, examples: Sequence[Example], conditions: Seque
     return [results[c] for c in conditions]
 
 
-def _engine_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-            "pixel_values": batch.get("pixel_values"), "image_grid_thw": batch.get("image_grid_thw")}
-
-
 def _answer(model: LoadedModel, batch: list[Example], conditions: Sequence[ProbeCondition], n_latent: int,
             max_new_tokens: int, image_size: int | None, seed: int, **donors):
     inputs = model_inputs(model, batch, n_latent, image_size)
     seeds = [question_seed(seed, e.id) for e in batch]
     interventions = [c.intervention(seeds, **donors) for c in conditions]
-    return model.engine.generate_variants(**_engine_inputs(inputs), max_new_tokens=max_new_tokens,
+    return model.engine.generate_variants(**inputs, max_new_tokens=max_new_tokens,
                                           interventions=interventions, measure_attention=True)
 
 

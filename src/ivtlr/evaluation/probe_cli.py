@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     results = run_probe(model, list(examples), conditions, batch_size=config.eval.batch_size,
                         max_new_tokens=config.eval.max_new_tokens, image_size=model.image_size,
                         rule=config.eval.answer_rule, seed=args.seed, progress=not args.no_progress)
-    run_info = {"model": model.source, "weights": weights_identity(args, config), "mode": model.mode, "n_latent": n_latent, "num_selected_patches": k,
+    run_info = {"model": model.source, "weights": weights_identity(args, config), "mode": model.mode,
+                "n_latent": n_latent, "num_selected_patches": k,
                 "split": config.dataset.eval_split, "questions": len(examples),
                 "answer_rule": config.eval.answer_rule, "max_new_tokens": config.eval.max_new_tokens,
                 "batch_size": config.eval.batch_size, "seed": args.seed, "device": str(device),

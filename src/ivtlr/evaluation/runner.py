@@ -51,8 +51,7 @@ def generate_answers(model: LoadedModel, examples: Sequence[Example], settings: 
                      ) -> tuple[list[Answer], dict[str, torch.Tensor]]:
     """Answer a batch of questions; also returns the model inputs (their image grids place the selections)."""
     batch = model_inputs(model, examples, settings.n_latent, settings.image_size)
-    out = model.engine.generate(batch["input_ids"], batch["attention_mask"], pixel_values=batch.get("pixel_values"),
-                                image_grid_thw=batch.get("image_grid_thw"), max_new_tokens=settings.max_new_tokens,
+    out = model.engine.generate(**batch, max_new_tokens=settings.max_new_tokens,
                                 return_dict=True)
     answers = []
     for row, length, selected in zip(out.sequences.tolist(), out.lengths.tolist(), out.selected):
