@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -50,7 +52,9 @@ def _cloned(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _rerun(config: Path, run_dir: Path) -> Path:
-    return train_in_process(config, f"save_path={run_dir.parent}")
+    """``ivtlr train`` again; with IVTLR_DEBUG=1 a refused checkpoint raises here instead of exiting with status 2."""
+    with mock.patch.dict(os.environ, {"IVTLR_DEBUG": "1"}):
+        return train_in_process(config, f"save_path={run_dir.parent}")
 
 
 def _assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .engine import IVTLR
+from .errors import NoSpaceLeft, UserError, is_out_of_space
 from .modeling import TINY_PREFIX, Components, build_engine, load_components
 from .processors import load_processor
 
@@ -57,7 +58,7 @@ _HASH_CHUNK = 1 << 22
 _fault_points_passed: list[str] = []
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint directory that is missing, incomplete or damaged; the message names the file."""
 
 
@@ -360,18 +361,28 @@ def save_checkpoint(accelerator, engine: nn.Module, processor, meta: CheckpointM
     optimizer, scheduler and RNG states (``ivtlr.training.state``) on every process."""
     root = Path(root)
     tmp = _temporary_dir(root, meta.step)
-    if accelerator.is_main_process:
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            fault_point("temporary directory created")
+        accelerator.wait_for_everyone()
+        state = accelerator.get_state_dict(engine)
+        if accelerator.is_main_process:
+            _save_weights(accelerator.unwrap_model(engine).base_model, state, tmp)
+            fault_point("weights written")
+            processor.save_pretrained(str(tmp))
+            fault_point("processor written")
+        save_training_state(tmp / TRAINING_STATE_DIR)
+    except Exception as error:
+        if not is_out_of_space(error, root):
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        fault_point("temporary directory created")
-    accelerator.wait_for_everyone()
-    state = accelerator.get_state_dict(engine)
-    if accelerator.is_main_process:
-        _save_weights(accelerator.unwrap_model(engine).base_model, state, tmp)
-        fault_point("weights written")
-        processor.save_pretrained(str(tmp))
-        fault_point("processor written")
-    save_training_state(tmp / TRAINING_STATE_DIR)
+        previous = latest_checkpoint(root)
+        kept = f"{previous.name} is intact and resumable" if previous else "no earlier checkpoint exists"
+        raise NoSpaceLeft(f"no space left on the device of {root} while writing checkpoint step {meta.step} "
+                          f"({type(error).__name__}: {error}); the incomplete copy was removed and {kept}: free "
+                          "space and rerun the same command to resume") from error
     accelerator.wait_for_everyone()
     final = _finalize(tmp, meta, keep_last) if accelerator.is_main_process else root / f"checkpoint-{meta.step:08d}"
     accelerator.wait_for_everyone()

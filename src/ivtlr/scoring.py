@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from .errors import NoSpaceLeft, is_out_of_space
+
 logger = logging.getLogger(__name__)
 
 ExtractionRule = Literal["original", "m3cot", "ivtlr_loose"]
@@ -257,10 +259,17 @@ def append_jsonl(path: str | os.PathLike[str], records: Iterable[PredictionRecor
         json.dumps(record.to_dict() if isinstance(record, PredictionRecord) else dict(record), ensure_ascii=False)
         for record in records
     ]
-    with path.open("a", encoding="utf-8") as out:
-        out.write("".join(line + "\n" for line in lines))
-        out.flush()
-        os.fsync(out.fileno())
+    try:
+        with path.open("a", encoding="utf-8") as out:
+            out.write("".join(line + "\n" for line in lines))
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as error:
+        if not is_out_of_space(error, path):
+            raise
+        # The torn tail is cut off by the next append; the answered lines before it are kept.
+        raise NoSpaceLeft(f"no space left on the device of {path} while writing answers: free space and rerun the "
+                          "same command; it resumes after the last complete line") from error
 
 
 def _repair_unterminated_last_line(path: Path) -> None:

@@ -17,6 +17,7 @@ import torch
 
 from ..config import Config, ConfigError, load_config
 from ..data import ExampleSequence, load_examples
+from ..files import write_text_atomically
 from ..scoring import format_summary_table
 from ..training.datasets import resolve_source
 from .loading import (LoadedModel, add_device_argument, add_model_arguments, load_config_model, load_requested_model,
@@ -118,8 +119,7 @@ def run(args: argparse.Namespace) -> int:
                 "device": str(device), "predictions": str(predictions), "weights": provenance["weights"],
                 "wall_seconds_this_run": time.perf_counter() - start}
     summary = evaluation_summary(records, group_keys_for(examples), run_info)
-    summary_path.parent.mkdir(parents=True, exist_ok=True)
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomically(summary_path, json.dumps(summary, indent=2) + "\n")
     logger.info("wrote %s", summary_path)
     rules = ", ".join(f"{rule} {100 * accuracy:.2f} %" for rule, accuracy in summary["accuracy_by_rule"].items())
     print(f"{format_summary_table(summary)}\n\naccuracy by answer rule: {rules}")  # noqa: T201 - the command's result
