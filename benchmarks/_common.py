@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 from ivtlr.machine import cpu_model_name
 
 if TYPE_CHECKING:
-    from ivtlr.tiny import TinyBundle
+    from ivtlr.testing import TinyBundle
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def benchmark_parser(description: str, default_out: Path, *, warmup: int, unit: 
 
 def build_bench_model(config, dtype: torch.dtype, device: torch.device):
     """The benchmarks' tiny Qwen2-VL (sdpa) at ``config``'s sizes, on ``device``."""
-    from ivtlr.tiny import build_tiny
+    from ivtlr.testing import build_tiny
 
     bundle = build_tiny("qwen2_vl", attn_implementation="sdpa", hidden_size=config.hidden_size,
                         num_layers=config.num_layers, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,

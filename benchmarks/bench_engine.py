@@ -27,7 +27,7 @@ import torch
 from _common import (Measurement, Target, bench_setup, benchmark_parser, format_table, load_average, machine_info,
                      measure_all, report)
 from ivtlr import IVTLR
-from ivtlr.tiny import TinyBundle, make_test_image
+from ivtlr.testing import TinyBundle, make_test_image
 
 logger = logging.getLogger("bench_engine")
 

@@ -28,7 +28,7 @@ import torch
 
 from _common import Target, bench_setup, benchmark_parser, format_table, machine_info, report, time_interleaved
 from ivtlr import IVTLR
-from ivtlr.tiny import TinyBundle, make_test_image
+from ivtlr.testing import TinyBundle, make_test_image
 
 logger = logging.getLogger("bench_inference")
 

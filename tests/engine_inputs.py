@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ivtlr.tiny import TinyBundle, make_test_image
+from ivtlr.testing import TinyBundle, make_test_image
 
 
 @dataclass

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, decoders, models, trainers
 from transformers import PreTrainedTokenizerFast
 
 from ivtlr.data import answer_line, format_prompt_text
-from ivtlr.tiny import build_processor
+from ivtlr.testing import build_processor
 from schema_files import DIGIT_NAMES
 from test_original_fixtures import FIXTURES
 

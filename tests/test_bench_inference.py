@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_inference  # noqa: E402
 from ivtlr import IVTLR  # noqa: E402
-from ivtlr.tiny import build_tiny  # noqa: E402
+from ivtlr.testing import build_tiny  # noqa: E402
 
 
 def test_original_style_generation_gives_the_engines_ids():

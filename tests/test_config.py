@@ -261,7 +261,7 @@ def test_fsdp_config_gives_a_full_shard_transformer_wrap_plugin():
 
 def test_fsdp_wrap_classes_exist_in_every_family():
     """The classes fsdp.yaml ends up wrapping (its comment's Chameleon flag included) exist in each model."""
-    from ivtlr.tiny import build_tiny
+    from ivtlr.testing import build_tiny
 
     for family in ("qwen2_vl", "qwen2_5_vl"):
         model = build_tiny(family).model

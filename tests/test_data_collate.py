@@ -19,9 +19,8 @@ from ivtlr.data import (
     format_prompt_text,
     resize_image,
 )
-from ivtlr.tiny import TinyBundle, build_tiny
+from ivtlr.testing import FAMILIES, TinyBundle, build_tiny
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "chameleon")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -7,9 +7,9 @@ from peft import LoraConfig, get_peft_model
 
 from engine_inputs import SampleSpec, make_batch
 from ivtlr import IVTLR
-from ivtlr.tiny import build_tiny
+from ivtlr.backbones import get_backbone
+from ivtlr.testing import FAMILIES, build_tiny
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "chameleon")
 QUESTION = "Which digit is written in the top left corner of this image?"
 
 
@@ -72,8 +72,8 @@ MIXED = [
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 @pytest.mark.parametrize("options", [{}, {"positions": "mrope"}], ids=["original", "mrope"])
 def test_mixed_batch_equals_batch_of_one(bundle, padding_side, options):
-    if options.get("positions") == "mrope" and bundle.family == "chameleon":
-        pytest.skip("M-RoPE is Qwen-only")
+    if options.get("positions") == "mrope" and get_backbone(bundle.model).position_rows == 1:
+        pytest.skip("the family has no multimodal rotary positions")
     engine = IVTLR(bundle.model, bundle.latent_token_id, num_selected_patches=3, **options)
     with torch.no_grad():
         out = engine(**make_batch(bundle, MIXED, padding_side))
@@ -137,7 +137,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(latent_grad):
     _assert_grads_close(grads, ref_grads, rel=1e-4)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "chameleon"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_lora_wrapped_model_cached_matches_recompute(family):
     bundle = build_tiny(family)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -201,7 +201,7 @@ def test_unknown_model_type_is_rejected():
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                          intermediate_size=32))
-    with pytest.raises(ValueError, match="qwen2_vl.*chameleon"):
+    with pytest.raises(ValueError, match="unsupported model type.*qwen2_vl.*chameleon"):
         IVTLR(model, latent_token_id=3)
 
 

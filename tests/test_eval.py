@@ -15,7 +15,7 @@ from ivtlr.cli import main
 from ivtlr.config import Config
 from ivtlr.data import build_generation_batch, format_prompt_text, load_examples
 from ivtlr.evaluation import load_config_model
-from ivtlr.processors import load_processor
+from ivtlr.backbones import load_processor
 from ivtlr.scoring import read_jsonl
 from schema_files import m3cot_rows, scienceqa_rows, write_m3cot_files, write_rows, write_scienceqa_files
 from train_runs import train_in_process

@@ -6,7 +6,7 @@ import torch
 
 from engine_inputs import SampleSpec, collate, encode_sample
 from ivtlr import IVTLR
-from ivtlr.tiny import TinyBundle, build_tiny
+from ivtlr.testing import FAMILIES, TinyBundle, build_tiny
 
 MAX_NEW = 8
 K = 3
@@ -19,7 +19,7 @@ MIXED = [
 ]
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "chameleon"])
+@pytest.fixture(scope="module", params=FAMILIES)
 def bundle(request) -> TinyBundle:
     return build_tiny(request.param)
 
@@ -60,18 +60,25 @@ def test_batched_greedy_equals_one_at_a_time(bundle, padding_side):
 def test_greedy_ids_equal_teacher_forced_recompute_argmax(bundle):
     """Decoding from the chain's cache gives, token by token, the argmax of the original's algorithm (re-run
     from scratch on prompt + latents + the ids generated so far)."""
-    spec = MIXED[0]
     engine = engine_for(bundle)
-    batch = prompt_batch(bundle, [spec])
-    generated = engine.generate(**batch, max_new_tokens=5, eos_token_id=[])
     reference = engine_for(bundle, recompute=True)
-    ids = batch["input_ids"]
-    with torch.no_grad():
-        for token in generated[0].tolist():
-            logits = reference(ids, pixel_values=batch["pixel_values"],
-                               image_grid_thw=batch.get("image_grid_thw")).logits
-            assert int(logits[0, -1].argmax()) == token
-            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    compared = 0
+    for spec in MIXED[:2]:
+        batch = prompt_batch(bundle, [spec])
+        generated = engine.generate(**batch, max_new_tokens=5, eos_token_id=[])
+        ids = batch["input_ids"]
+        vision = {key: value for key, value in batch.items() if key not in ("input_ids", "attention_mask")}
+        # A random model may emit an image placeholder id; fed back as input it would be read as an image token,
+        # so the comparison of that question stops there (the cached decoder embeds it as text).
+        tokens = generated[0].tolist()
+        tokens = tokens[: tokens.index(bundle.image_token_id)] if bundle.image_token_id in tokens else tokens
+        with torch.no_grad():
+            for token in tokens:
+                logits = reference(ids, **vision).logits
+                assert int(logits[0, -1].argmax()) == token
+                ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+                compared += 1
+    assert compared >= 4
 
 
 def test_each_sample_stops_at_its_own_eos(bundle):

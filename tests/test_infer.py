@@ -16,9 +16,9 @@ from ivtlr.cli import main
 from ivtlr.data import Example, build_generation_batch
 from ivtlr.explain import OUTLINE_PX, STEP_PALETTE, patch_grid_boxes
 from ivtlr.backbones import get_backbone
-from ivtlr.processors import load_processor
+from ivtlr.backbones import load_processor
 from ivtlr.scoring import extract_answer
-from ivtlr.tiny import build_tiny, make_test_image
+from ivtlr.testing import build_tiny, make_test_image
 from schema_files import digit_image, write_m3cot_files
 from train_runs import train_in_process, write_config
 

@@ -9,7 +9,7 @@ from engine_inputs import SampleSpec, make_batch
 from ivtlr import IVTLR
 from ivtlr.interventions import LatentIntervention
 from ivtlr.recompute import eager_attention
-from ivtlr.tiny import TinyBundle, build_tiny
+from ivtlr.testing import TinyBundle, build_tiny
 from test_generation import prompt_batch, unpadded
 
 K = 3

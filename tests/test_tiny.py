@@ -9,15 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-from ivtlr.tiny import (
-    FAMILIES,
-    LATENT_TOKENS,
-    build_processor,
-    build_tiny,
-    build_tokenizer,
-    code_token_name,
-    make_test_image,
-)
+from ivtlr.backbones.chameleon.tiny import code_token_name
+from ivtlr.testing import FAMILIES, LATENT_TOKENS, build_processor, build_tiny, build_tokenizer, make_test_image
 
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 QUESTION = "Which digit is in the picture?"

@@ -29,6 +29,8 @@ class Segment:
     latent_row: int | None = None  # index of the latent row within the segment, if it holds one
     hidden: torch.Tensor | None = None  # (l, D) last-layer hidden states once computed
     column: int | None = None  # physical column of the segment's first row in the pass that computed it
+    features: torch.Tensor | None = None  # (l, *F) per-row visual features the decoder adds (deepstack), or None
+    visual: torch.Tensor | None = None  # (l,) bool: image-token rows (inserted copies included); None: none
 
     @property
     def length(self) -> int:
@@ -73,24 +75,17 @@ class ChainRunner:
                 state.segments.append(seg)
         parts = [[seg] if seg is not None else [] for seg in new] if self.cached else \
             [state.segments for state in self.states]
-        widths = [sum(seg.length for seg in p) for p in parts]
-        width = max(widths)
-        batch, dim, rows = len(parts), self.backbone.text_config.hidden_size, self.backbone.position_rows
-        embeds = torch.zeros(batch, width, dim, dtype=self.dtype, device=self.device)
-        positions = torch.zeros(rows, batch, width, dtype=torch.long, device=self.device)
-        mask = torch.zeros(batch, width, dtype=torch.long, device=self.device)
-        for b, p in enumerate(parts):
-            if widths[b]:
-                embeds[b, : widths[b]] = torch.cat([seg.embeds for seg in p]).to(self.dtype)
-                positions[:, b, : widths[b]] = torch.cat([seg.positions for seg in p], dim=-1)
-                mask[b, : widths[b]] = 1
+        packed = pack_segments(parts, self.backbone.text_config.hidden_size, self.backbone.position_rows,
+                               self.dtype, self.device)
+        widths, embeds, positions, mask = packed.widths, packed.embeds, packed.positions, packed.mask
         full_mask = torch.cat([self.key_mask, mask], dim=1) if self.cached else mask
         if query:
             cols = torch.tensor([max(w - 1, 0) for w in widths], device=self.device)
             self.recorder.arm(cols, full_mask)
         try:
             with torch.set_grad_enabled(grad):
-                out = self.backbone.run_decoder(embeds, full_mask, positions, self.cache)
+                out = self.backbone.run_decoder(embeds, full_mask, positions, self.cache,
+                                                row_features=packed.features, visual=packed.visual)
             rows_out = self.recorder.rows() if query else None
         finally:
             self.recorder.disarm()
@@ -121,3 +116,43 @@ class ChainRunner:
     def last_hidden(self, b: int) -> torch.Tensor:
         """Hidden state of the sample's latest real row (the vector the LM head reads)."""
         return self.states[b].segments[-1].hidden[-1]
+
+
+@dataclass
+class PackedChunk:
+    """Each sample's new rows side by side, right-padded: what one decoder call takes."""
+
+    widths: list[int]
+    embeds: torch.Tensor  # (B, W, D)
+    positions: torch.Tensor  # (R, B, W)
+    mask: torch.Tensor  # (B, W) 1 at real rows
+    features: torch.Tensor | None  # (B, W, *F) per-row visual features, zeros elsewhere; None if no row has any
+    visual: torch.Tensor | None  # (B, W) bool image-token rows; None if there are none
+
+
+def pack_segments(parts: list[list[Segment]], hidden_size: int, position_rows: int, dtype: torch.dtype,
+                  device: torch.device) -> PackedChunk:
+    """Concatenate each sample's segments and right-pad them to one chunk."""
+    widths = [sum(seg.length for seg in p) for p in parts]
+    width = max(widths)
+    batch = len(parts)
+    embeds = torch.zeros(batch, width, hidden_size, dtype=dtype, device=device)
+    positions = torch.zeros(position_rows, batch, width, dtype=torch.long, device=device)
+    mask = torch.zeros(batch, width, dtype=torch.long, device=device)
+    template = next((seg.features for p in parts for seg in p if seg.features is not None), None)
+    features = None if template is None else \
+        torch.zeros(batch, width, *template.shape[1:], dtype=template.dtype, device=device)
+    visual = torch.zeros(batch, width, dtype=torch.bool, device=device)
+    for b, p in enumerate(parts):
+        start = 0
+        for seg in p:
+            rows = slice(start, start + seg.length)
+            embeds[b, rows] = seg.embeds.to(dtype)
+            positions[:, b, rows] = seg.positions
+            if seg.features is not None:
+                features[b, rows] = seg.features
+            if seg.visual is not None:
+                visual[b, rows] = seg.visual
+            start += seg.length
+        mask[b, :start] = 1
+    return PackedChunk(widths, embeds, positions, mask, features, visual if bool(visual.any()) else None)

@@ -36,8 +36,8 @@ from torch import nn
 
 from .engine import IVTLR
 from .errors import NoSpaceLeft, UserError, is_out_of_space
-from .modeling import TINY_PREFIX, Components, build_engine, load_components
-from .processors import load_processor
+from .modeling import Components, build_engine, load_components, model_source
+from .backbones import load_processor
 
 logger = logging.getLogger(__name__)
 
@@ -279,15 +279,16 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype = torch.float
                     attn_implementation: str = "sdpa") -> tuple[IVTLR, Components, CheckpointMeta]:
     """Rebuild the trained engine from a checkpoint directory alone, in eval mode.
 
-    The base model is loaded from its recorded name (a ``tiny:`` base is rebuilt from its recorded seed and image
-    size), the latent tokens added, then the adapter or full weights loaded; the processor is the checkpoint's own.
+    The base model is loaded from its recorded name (a base from a model source such as ``tiny:`` is rebuilt from
+    its recorded seed and image size), the latent tokens added, then the adapter or full weights loaded; the
+    processor is the checkpoint's own.
     A full-weights checkpoint of a real model is loaded directly from the directory.
     """
     from peft import PeftModel
 
     path = Path(path)
     meta = verify_checkpoint(path)
-    if meta.weights == "full" and not meta.base_model.startswith(TINY_PREFIX):
+    if meta.weights == "full" and model_source(meta.base_model)[0] is None:
         components = load_components(str(path), dtype=dtype, attn_implementation=attn_implementation)
     else:
         components = load_components(meta.base_model, dtype=dtype, attn_implementation=attn_implementation,

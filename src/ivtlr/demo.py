@@ -53,7 +53,7 @@ from .files import write_text_atomically
 from .inference import answer_question
 from .machine import cpu_model_name
 from .metrics_log import JSONL_FILE
-from .tiny import build_tiny
+from .testing import build_tiny
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,7 +19,8 @@ from .attention_rows import AttentionRowRecorder, capture_attention_rows
 from .backbones import Backbone, get_backbone
 from .chain import IGNORE_INDEX, ChainRunner, SampleState, Segment
 from .interventions import NO_INTERVENTION, LatentIntervention
-from .loss import shifted_cross_entropy
+from .layout import Layout, SegmentBuilder, fed_latents
+from .outputs import GenerationOutput, IVTLROutput
 from .selection import PATCH_ORDERS
 
 logger = logging.getLogger(__name__)
@@ -29,56 +29,16 @@ LATENT_GRAD_MODES = ("detach", "full")
 POSITION_MODES = ("original", "mrope")
 
 
-@dataclass
-class IVTLROutput:
-    """Result of :meth:`IVTLR.forward`. Sequences are the *final* ones (prompt, V1, L1, …, Vn, Ln, rest),
-    right-padded; ``attention_mask`` marks their real rows."""
-
-    loss: torch.Tensor | None
-    logits: torch.Tensor  # (B, L, V)
-    selected: list[list[torch.Tensor]]  # per sample, per step: indices into the sample's image tokens, insertion order
-    attention_mask: torch.Tensor  # (B, L)
-    labels: torch.Tensor | None  # (B, L), -100 on prompt, inserted patches and latents
-    loss_per_sample: torch.Tensor | None  # (B,)
-    inputs_embeds: torch.Tensor  # (B, L, D) the final input embeddings
-    latent_positions: list[list[int]]  # per sample: where the latent rows sit in the final sequence
-
-
-@dataclass
-class GenerationOutput:
-    """Result of :meth:`IVTLR.generate` with ``return_dict=True``."""
-
-    sequences: torch.Tensor  # (B, T) new token ids, padded with ``pad_token_id`` after each sample's end
-    lengths: torch.Tensor  # (B,) number of generated ids per sample (EOS included)
-    selected: list[list[torch.Tensor]]
-    latents: list[torch.Tensor] | None = None  # per sample, (n_latent, D): the rows its latent slots received
-    #: (B, 2) with ``measure_attention``: mean attention mass (over layers, heads and answer tokens) the answer
-    #: tokens pay to the latent rows and to the inserted patch rows.
-    answer_attention: torch.Tensor | None = None
-
-
-@dataclass
-class _Layout:
-    """Where a sample's prompt, latents and rest are, in its real (unpadded) tokens."""
-
-    ids: torch.Tensor
-    labels: torch.Tensor
-    embeds: torch.Tensor
-    image_index: torch.Tensor  # prompt positions of the image tokens, in image-token order
-    prompt_len: int
-    n_latent: int
-
-
 class IVTLR(nn.Module):
-    """Wraps a (bare or PEFT-wrapped) Qwen2-VL, Qwen2.5-VL or Chameleon model.
+    """Wraps a (bare or PEFT-wrapped) transformers VLM of any supported family (``ivtlr.backbones``).
 
     Args:
         model: the vision-language model.
         latent_token_id: id of ``<|latent|>``; its positions in ``input_ids`` are the latent slots.
-        num_selected_patches: K, patches inserted per step (default: 32 for Qwen, 64 for Chameleon).
+        num_selected_patches: K, patches inserted per step (default: the family's, e.g. 32 for Qwen2-VL).
         latent_grad: ``detach`` (the original: no gradient through fed-back hidden states) or ``full`` (Coconut).
-        positions: ``original`` (a 1-D range, as the released checkpoints were trained) or ``mrope`` (Qwen only:
-            native multimodal positions for the prompt, sequential after it).
+        positions: ``original`` (a 1-D range, as the released checkpoints were trained) or ``mrope`` (families with
+            multimodal rotary positions: the native ones for the prompt, sequential after it).
         patch_order: insertion order of the chosen patches: ``position``, ``score`` or ``topk`` (see
             :func:`ivtlr.selection.select_patches`).
         recompute: run the original's algorithm (re-run the prefix at every step, eager attention maps).
@@ -102,7 +62,7 @@ class IVTLR(nn.Module):
         self.base_model = model
         self.backbone: Backbone = get_backbone(model)
         if positions == "mrope" and self.backbone.position_rows == 1:
-            raise ValueError("positions='mrope' needs a model with multimodal rotary positions (Qwen2-VL, Qwen2.5-VL)")
+            raise ValueError("positions='mrope' needs a family with multimodal rotary positions")
         self.latent_token_id = int(latent_token_id)
         self.start_latent_id, self.end_latent_id = start_latent_id, end_latent_id
         k = self.backbone.default_num_selected_patches if num_selected_patches is None else num_selected_patches
@@ -116,6 +76,10 @@ class IVTLR(nn.Module):
         self.pad_token_id = pad_token_id if pad_token_id is not None else \
             getattr(self.backbone.text_config, "pad_token_id", None) or min(self.eos_token_ids, default=0)
         self.recorder = AttentionRowRecorder(self.backbone.attention_modules())
+        self.builder = SegmentBuilder(self.backbone, latent_token_id=self.latent_token_id,
+                                      num_selected_patches=self.num_selected_patches, patch_order=patch_order,
+                                      latent_text=latent_text, latent_grad=latent_grad, positions=positions,
+                                      pad_token_id=self.pad_token_id)
 
     # ------------------------------------------------------------------------------------------ public API
     @classmethod
@@ -142,7 +106,7 @@ class IVTLR(nn.Module):
             from .recompute import recompute_forward
 
             return recompute_forward(self, input_ids, attention_mask, labels, vision)
-        layouts = self._layouts(input_ids, attention_mask, labels, vision)
+        layouts = self.builder.layouts(input_ids, attention_mask, labels, vision)
         grad = torch.is_grad_enabled()
         checkpointing = grad and self._gradient_checkpointing_active()
         # Gradient checkpointing cannot keep a cache inside the autograd graph. With detached latents only the final
@@ -158,7 +122,7 @@ class IVTLR(nn.Module):
             final_pass = ChainRunner(self.backbone, self.recorder, runner.states, cached=False,
                                      dtype=runner.dtype, device=runner.device)
             final_pass.run([None] * len(layouts), query=False, grad=True)
-        return self._assemble(runner.states, selected, labels is not None)
+        return self.builder.assemble(runner.states, selected, labels is not None)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -199,7 +163,7 @@ class IVTLR(nn.Module):
             set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
         pad = self.pad_token_id if pad_token_id is None else pad_token_id
         vision = _vision(vision_inputs)
-        layouts = self._layouts(input_ids, attention_mask, None, vision)
+        layouts = self.builder.layouts(input_ids, attention_mask, None, vision)
         for intervention in interventions:
             intervention.check_batch(len(layouts))
         query = measure_attention or max(lay.n_latent for lay in layouts) > 0
@@ -215,7 +179,7 @@ class IVTLR(nn.Module):
             decoder = _Decoder(self, runner, layouts, final_rows if measure_attention else None)
             sequences, lengths, attention = decoder.run(pick, max_new_tokens, eos, pad, input_ids.device)
             outputs.append(GenerationOutput(sequences=sequences, lengths=lengths, selected=selected,
-                                            latents=[self._fed_latents(st) for st in runner.states],
+                                            latents=[fed_latents(st) for st in runner.states],
                                             answer_attention=attention))
         return outputs
 
@@ -223,7 +187,7 @@ class IVTLR(nn.Module):
     def image_token_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                                **vision_inputs: torch.Tensor | None) -> list[torch.Tensor]:
         """Per sample, (N, D): the image-token embeddings the latent vision inserts rows from (donor images)."""
-        layouts = self._layouts(input_ids, attention_mask, None, _vision(vision_inputs))
+        layouts = self.builder.layouts(input_ids, attention_mask, None, _vision(vision_inputs))
         return [lay.embeds[lay.image_index] for lay in layouts]
 
     def image_grid(self, vision_inputs: Mapping[str, torch.Tensor | None], sample: int) -> tuple[int, int]:
@@ -238,44 +202,7 @@ class IVTLR(nn.Module):
             else "is_gradient_checkpointing"
         return bool(getattr(model, flag, False)) and model.training
 
-    def _layouts(self, input_ids, attention_mask, labels, vision: Mapping[str, torch.Tensor]) -> list[_Layout]:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        embedded = self.backbone.embed(input_ids, vision)
-        layouts = []
-        for b in range(input_ids.shape[0]):
-            real = attention_mask[b].bool()
-            ids = input_ids[b, real]
-            lab = labels[b, real] if labels is not None else torch.full_like(ids, IGNORE_INDEX)
-            latent_at = (ids == self.latent_token_id).nonzero().flatten().tolist()
-            if latent_at and latent_at != list(range(latent_at[0], latent_at[0] + len(latent_at))):
-                raise ValueError(f"sample {b}: the <|latent|> tokens must be consecutive, found them at {latent_at}")
-            prompt_len = latent_at[0] if latent_at else len(ids)
-            image_at = embedded.image_mask[b, real].nonzero().flatten()
-            if len(image_at) and int(image_at[-1]) >= prompt_len:
-                raise ValueError(f"sample {b}: image tokens must come before the first <|latent|> token")
-            if latent_at and not len(image_at) and self.num_selected_patches:
-                logger.debug("sample %d has latent steps but no image: latent vision is empty", b)
-            layouts.append(_Layout(ids=ids, labels=lab, embeds=embedded.embeds[b, real], image_index=image_at,
-                                   prompt_len=prompt_len, n_latent=len(latent_at)))
-        return layouts
-
-    def _prompt_segments(self, layouts: list[_Layout], vision: Mapping[str, torch.Tensor]) -> list[Segment]:
-        """Right-padded prompts -> one segment each, with the backbone's prompt positions."""
-        device = layouts[0].ids.device
-        lengths = [lay.prompt_len if lay.n_latent else len(lay.ids) for lay in layouts]
-        width = max(lengths)
-        ids = torch.full((len(layouts), width), self.pad_token_id, dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for b, (lay, n) in enumerate(zip(layouts, lengths)):
-            ids[b, :n], mask[b, :n] = lay.ids[:n], 1
-        positions, next_start = self.backbone.prompt_positions(ids, mask, vision, self.positions)
-        return [Segment(lay.embeds[:n], positions[:, b, :n], lay.labels[:n]) for b, (lay, n) in
-                enumerate(zip(layouts, lengths))], next_start.tolist()
-
-    def _run_chain(self, layouts: list[_Layout], vision: Mapping[str, torch.Tensor], *, cached: bool, grad: bool,
+    def _run_chain(self, layouts: list[Layout], vision: Mapping[str, torch.Tensor], *, cached: bool, grad: bool,
                    defer_final: bool = False, intervention: LatentIntervention = NO_INTERVENTION):
         """Prompt pass, then one pass per latent step; returns the runner (segments and hidden states) and the
         selections. ``defer_final``: the caller re-runs the whole final sequence, so the last pass is skipped."""
@@ -286,16 +213,16 @@ class IVTLR(nn.Module):
                                               intervention=intervention)
         return runner, selected
 
-    def _prefill(self, layouts: list[_Layout], vision: Mapping[str, torch.Tensor], *, cached: bool, grad: bool,
+    def _prefill(self, layouts: list[Layout], vision: Mapping[str, torch.Tensor], *, cached: bool, grad: bool,
                  query: bool):
         """The prompt pass; returns the runner and the attention rows of each prompt's last row (or None)."""
-        prompts, next_start = self._prompt_segments(layouts, vision)
+        prompts, next_start = self.builder.prompt_segments(layouts, vision)
         states = [SampleState(next_position=int(p)) for p in next_start]
         runner = ChainRunner(self.backbone, self.recorder, states, cached=cached, dtype=layouts[0].embeds.dtype,
                              device=layouts[0].ids.device)
         return runner, runner.run(prompts, query=query, grad=grad)
 
-    def _latent_passes(self, layouts: list[_Layout], runner: ChainRunner, rows: torch.Tensor | None, *, grad: bool,
+    def _latent_passes(self, layouts: list[Layout], runner: ChainRunner, rows: torch.Tensor | None, *, grad: bool,
                        defer_final: bool = False, intervention: LatentIntervention = NO_INTERVENTION,
                        query_last: bool = False):
         """One pass per latent step after the prompt pass. Returns the selections and, per sample, the attention
@@ -306,15 +233,14 @@ class IVTLR(nn.Module):
         selected: list[list[torch.Tensor]] = [[] for _ in layouts]
         taken = [torch.zeros(len(lay.image_index), dtype=torch.bool, device=device) for lay in layouts]
         final_rows: list[torch.Tensor | None] = [None] * len(layouts)
-        rows_r = self.backbone.position_rows
         for step in range(1, n_max + 1):
             new: list[Segment | None] = []
             for b, lay in enumerate(layouts):
                 if lay.n_latent < step:
                     new.append(None)
                     continue
-                new.append(self._latent_step_segment(lay, runner.states[b], runner.last_hidden(b), rows[b],
-                                                     taken[b], selected[b], step, rows_r, intervention, b))
+                new.append(self.builder.latent_step_segment(lay, runner.states[b], runner.last_hidden(b), rows[b],
+                                                            taken[b], selected[b], step, intervention, b))
             query = any(lay.n_latent > step for lay in layouts) or query_last
             if query or not defer_final:
                 rows = runner.run(new, query=query, grad=grad)
@@ -327,74 +253,6 @@ class IVTLR(nn.Module):
                     if seg is not None:
                         state.segments.append(seg)
         return selected, final_rows
-
-    def _latent_step_segment(self, lay: _Layout, state: SampleState, fill: torch.Tensor, rows: torch.Tensor,
-                             taken: torch.Tensor, selected: list[torch.Tensor], step: int, rows_r: int,
-                             intervention: LatentIntervention = NO_INTERVENTION, sample: int = 0) -> Segment:
-        """Rows [V_step, L_step] (plus the rest of the sample after its last latent)."""
-        device = lay.ids.device
-        scores = rows[lay.image_index] if len(lay.image_index) else rows[:0]
-        k = self.num_selected_patches if intervention.num_selected_patches is None \
-            else intervention.num_selected_patches
-        chosen = intervention.choose_patches(sample, step, scores, taken, k, self.patch_order)
-        taken[chosen] = True
-        selected.append(chosen)
-        latent_slot = lay.prompt_len + step - 1
-        if not self.latent_text:
-            fill = lay.embeds[latent_slot]
-        elif self.latent_grad == "detach":
-            fill = fill.detach()
-        fill = intervention.latent_row(sample, step, fill, lay.embeds[latent_slot])
-        image_rows = lay.embeds[lay.image_index]
-        parts = [intervention.patch_rows(sample, chosen, image_rows), fill.unsqueeze(0).to(lay.embeds.dtype)]
-        labels = [torch.full((len(chosen),), IGNORE_INDEX, device=device), lay.labels[latent_slot:latent_slot + 1]]
-        if step == lay.n_latent:
-            rest = slice(lay.prompt_len + lay.n_latent, len(lay.ids))
-            parts.append(lay.embeds[rest])
-            labels.append(lay.labels[rest])
-        embeds = torch.cat(parts)
-        return Segment(embeds, state.positions(embeds.shape[0], rows_r, device), torch.cat(labels),
-                       latent_row=len(chosen))
-
-    def _assemble(self, states: list[SampleState], selected, with_labels: bool) -> IVTLROutput:
-        hidden = [torch.cat([seg.hidden for seg in st.segments]) for st in states]
-        embeds = [torch.cat([seg.embeds for seg in st.segments]) for st in states]
-        labels = [torch.cat([seg.labels for seg in st.segments]) for st in states]
-        latent_positions = [self._latent_rows(st) for st in states]
-        width = max(h.shape[0] for h in hidden)
-        batch, device = len(states), hidden[0].device
-        pad_h = torch.zeros(batch, width, hidden[0].shape[-1], dtype=hidden[0].dtype, device=device)
-        pad_e = torch.zeros(batch, width, embeds[0].shape[-1], dtype=embeds[0].dtype, device=device)
-        pad_l = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long, device=device)
-        mask = torch.zeros(batch, width, dtype=torch.long, device=device)
-        for b in range(batch):
-            n = hidden[b].shape[0]
-            pad_h[b, :n], pad_e[b, :n], pad_l[b, :n], mask[b, :n] = hidden[b], embeds[b], labels[b], 1
-        logits = self.backbone.logits(pad_h)
-        loss = loss_per_sample = None
-        if with_labels:
-            loss, loss_per_sample = shifted_cross_entropy(logits, pad_l)
-        return IVTLROutput(loss=loss, logits=logits, selected=selected, attention_mask=mask,
-                           labels=pad_l if with_labels else None, loss_per_sample=loss_per_sample,
-                           inputs_embeds=pad_e, latent_positions=latent_positions)
-
-    @staticmethod
-    def _fed_latents(state: SampleState) -> torch.Tensor:
-        """(n_latent, D): the rows the sample's latent slots received."""
-        rows = [seg.embeds[seg.latent_row] for seg in state.segments if seg.latent_row is not None]
-        dim = state.segments[0].embeds.shape[-1]
-        return torch.stack(rows) if rows else state.segments[0].embeds.new_zeros(0, dim)
-
-    @staticmethod
-    def _latent_rows(state: SampleState) -> list[int]:
-        """Final-sequence index of each latent row."""
-        rows, start = [], 0
-        for seg in state.segments:
-            if seg.latent_row is not None:
-                rows.append(start + seg.latent_row)
-            start += seg.length
-        return rows
-
 
 def _vision(vision_inputs: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
     """The processor outputs the backbone reads, without the ones given as None."""
@@ -432,7 +290,7 @@ class _Decoder:
     """Greedy or sampled decoding continuing a finished latent chain, batched; optionally measures the attention the
     answer tokens pay to the latent and inserted patch rows."""
 
-    def __init__(self, engine: IVTLR, runner: ChainRunner, layouts: list[_Layout],
+    def __init__(self, engine: IVTLR, runner: ChainRunner, layouts: list[Layout],
                  first_rows: list[torch.Tensor | None] | None):
         self.engine, self.runner, self.layouts = engine, runner, layouts
         self.measure = first_rows is not None

@@ -1,25 +1,33 @@
 """Building what a run needs: the VLM, its tokenizer and processor, the latent tokens, LoRA, and the engine.
 
-Models are named by hub id, local directory, or ``tiny:<family>`` for the built-in tiny random models (tests,
-demo, smoke runs). Nothing here is family-specific beyond what the backbone adapters expose.
+Models are named by hub id, local directory, or ``source:argument`` for a registered model source (``tiny:<model
+type>``: the tiny random models of ``ivtlr.testing``, for tests, the demo and smoke runs). Nothing here is
+family-specific beyond what the backbone adapters expose.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText
 
-from .backbones import backbone_class_for, unwrap_peft
+from .backbones import backbone_class_for, load_processor, unwrap_peft
 from .engine import IVTLR
-from .processors import load_processor
 
 logger = logging.getLogger(__name__)
 
-TINY_PREFIX = "tiny:"
+#: Entry-point group of model-source plugins: ``name = "module:function"``, called as ``function(argument,
+#: **options)`` and returning (model, tokenizer, processor).
+MODEL_SOURCES_GROUP = "ivtlr.model_sources"
+#: Model sources that ship with ivtlr, loaded by name only when a config asks for them (the opt-in testing package
+#: is never imported otherwise).
+BUILTIN_MODEL_SOURCES = {"tiny": "ivtlr.testing.tiny:load_tiny_components"}
 LATENT_TOKENS = ("<|start-latent|>", "<|end-latent|>", "<|latent|>")  # the original adds them in this order
 #: Tokens whose rows initialise the new latent tokens (the first one the tokenizer knows is used).
 INIT_TOKEN_CANDIDATES = ("<<", "<|endoftext|>")
@@ -49,13 +57,12 @@ class Components:
 
 def load_components(name: str, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
                     image_size: int | None = None, tiny_options: dict | None = None, seed: int = 0) -> Components:
-    """Load (or build, for ``tiny:<family>``) a model, tokenizer and processor, with the latent tokens added."""
-    if name.startswith(TINY_PREFIX):
-        from .tiny import build_tiny
-
-        bundle = build_tiny(name[len(TINY_PREFIX):], attn_implementation=attn_implementation, seed=seed,
-                            image_size=image_size, dtype=dtype, **(tiny_options or {}))
-        model, tokenizer, processor = bundle.model, bundle.tokenizer, bundle.processor
+    """Load a model, tokenizer and processor by hub id or directory (or from a registered model source such as
+    ``tiny:<model_type>``), with the latent tokens added."""
+    source, argument = model_source(name)
+    if source is not None:
+        model, tokenizer, processor = source(argument, attn_implementation=attn_implementation, seed=seed,
+                                             image_size=image_size, dtype=dtype, **(tiny_options or {}))
     else:
         config = AutoConfig.from_pretrained(name)
         backbone_class_for(config.model_type)  # fail early, naming the supported families
@@ -66,6 +73,21 @@ def load_components(name: str, *, dtype: torch.dtype = torch.float32, attn_imple
     start_id, end_id, latent_id = add_latent_tokens(tokenizer, model)
     return Components(model=model, tokenizer=tokenizer, processor=processor, model_type=model.config.model_type,
                       latent_token_id=latent_id, start_latent_id=start_id, end_latent_id=end_id)
+
+
+def model_source(name: str) -> tuple[Callable | None, str]:
+    """``prefix:argument`` names a model built by a model source: one of :data:`BUILTIN_MODEL_SOURCES` or a plugin
+    registered under the ``ivtlr.model_sources`` entry-point group; anything else is a hub id or a directory."""
+    prefix, colon, argument = name.partition(":")
+    if not colon:
+        return None, name
+    if prefix in BUILTIN_MODEL_SOURCES:
+        module, _, function = BUILTIN_MODEL_SOURCES[prefix].partition(":")
+        return getattr(importlib.import_module(module), function), argument
+    for entry_point in importlib.metadata.entry_points(group=MODEL_SOURCES_GROUP):
+        if entry_point.name == prefix:
+            return entry_point.load(), argument
+    return None, name
 
 
 def add_latent_tokens(tokenizer, model: nn.Module) -> tuple[int, int, int]:

@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .chain import IGNORE_INDEX, SampleState
+from .chain import IGNORE_INDEX, SampleState, pack_segments
 from .loss import shifted_cross_entropy
 
 if TYPE_CHECKING:
-    from .engine import IVTLR, IVTLROutput
+    from .engine import IVTLR
+    from .outputs import IVTLROutput
 
 
 @contextmanager
@@ -38,22 +39,19 @@ def eager_attention(model) -> Iterator[None]:
 def _full_pass(engine: "IVTLR", states: list[SampleState], output_attentions: bool):
     """One decoder call over each sample's whole sequence so far, right-padded."""
     backbone = engine.backbone
-    sequences = [torch.cat([seg.embeds for seg in st.segments]) for st in states]
-    positions = [torch.cat([seg.positions for seg in st.segments], dim=-1) for st in states]
-    width = max(s.shape[0] for s in sequences)
-    batch, device = len(states), sequences[0].device
-    embeds = sequences[0].new_zeros(batch, width, sequences[0].shape[-1])
-    pos = torch.zeros(backbone.position_rows, batch, width, dtype=torch.long, device=device)
-    mask = torch.zeros(batch, width, dtype=torch.long, device=device)
-    for b, (seq, p) in enumerate(zip(sequences, positions)):
-        embeds[b, : len(seq)], pos[:, b, : len(seq)], mask[b, : len(seq)] = seq, p, 1
-    out = backbone.run_decoder(embeds, mask, pos, cache=None, output_attentions=output_attentions)
-    return out, [len(s) for s in sequences]
+    first = states[0].segments[0].embeds
+    packed = pack_segments([st.segments for st in states], first.shape[-1], backbone.position_rows, first.dtype,
+                           first.device)
+    out = backbone.run_decoder(packed.embeds, packed.mask, packed.positions, cache=None,
+                               output_attentions=output_attentions, row_features=packed.features,
+                               visual=packed.visual)
+    return out, packed.widths
 
 
 def recompute_forward(engine: "IVTLR", input_ids, attention_mask, labels, vision) -> "IVTLROutput":
-    layouts = engine._layouts(input_ids, attention_mask, labels, vision)
-    prompts, next_start = engine._prompt_segments(layouts, vision)
+    builder = engine.builder
+    layouts = builder.layouts(input_ids, attention_mask, labels, vision)
+    prompts, next_start = builder.prompt_segments(layouts, vision)
     states = [SampleState(segments=[seg], next_position=int(p)) for seg, p in zip(prompts, next_start)]
     taken = [torch.zeros(len(lay.image_index), dtype=torch.bool, device=lay.ids.device) for lay in layouts]
     selected: list[list[torch.Tensor]] = [[] for _ in layouts]
@@ -68,8 +66,8 @@ def recompute_forward(engine: "IVTLR", input_ids, attention_mask, labels, vision
                 last = lengths[i] - 1
                 attention_row = torch.stack([a[i, :, last, : lengths[i]].float() for a in out.attentions])
                 scores = attention_row.mean(dim=(0, 1))
-                seg = engine._latent_step_segment(layouts[b], states[b], out.last_hidden_state[i, last], scores,
-                                                  taken[b], selected[b], step, engine.backbone.position_rows)
+                seg = builder.latent_step_segment(layouts[b], states[b], out.last_hidden_state[i, last], scores,
+                                                  taken[b], selected[b], step)
                 states[b].segments.append(seg)
         out, lengths = _full_pass(engine, states, output_attentions=False)
     for b, st in enumerate(states):
@@ -77,7 +75,7 @@ def recompute_forward(engine: "IVTLR", input_ids, attention_mask, labels, vision
         for seg in st.segments:
             seg.hidden = out.last_hidden_state[b, start : start + seg.length]
             start += seg.length
-    result = engine._assemble(states, selected, labels is not None)
+    result = builder.assemble(states, selected, labels is not None)
     if labels is not None:
         result.loss, result.loss_per_sample = _loss_over_all_passes(engine, earlier_passes, result)
     return result

@@ -1,21 +1,43 @@
-"""Backbone adapters: pick the one that matches a model's config."""
+"""Backbone adapters: everything family-specific, one folder per family (see :mod:`ivtlr.backbones.registry`)."""
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 from torch import nn
+from transformers import ProcessorMixin
 
 from .base import Backbone, Embedded, unwrap_peft
-from .chameleon import ChameleonBackbone
-from .qwen import QwenVLBackbone
+from .registry import FAMILIES
+from .tiny_spec import TinySpec
 
-BACKBONES: tuple[type[Backbone], ...] = (QwenVLBackbone, ChameleonBackbone)
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for cls in BACKBONES for t in cls.model_types)
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for types in FAMILIES.values() for t in types)
+
+
+def family_module(model_type: str) -> ModuleType:
+    """The family folder that handles ``model_type``."""
+    for family, types in FAMILIES.items():
+        if model_type in types:
+            return importlib.import_module(f"{__name__}.{family}")
+    raise ValueError(f"unsupported model type {model_type!r}: ivtlr supports {', '.join(SUPPORTED_MODEL_TYPES)}")
 
 
 def backbone_class_for(model_type: str) -> type[Backbone]:
-    for cls in BACKBONES:
-        if model_type in cls.model_types:
-            return cls
-    raise ValueError(f"unsupported model type {model_type!r}: ivtlr supports {', '.join(SUPPORTED_MODEL_TYPES)}")
+    return family_module(model_type).BACKBONE
+
+
+def load_processor(name_or_path: str, model_type: str, **kwargs) -> ProcessorMixin:
+    """The processor of a checkpoint of ``model_type`` (the family's own class where the stock one cannot load
+    here, e.g. without torchvision)."""
+    return family_module(model_type).load_processor(name_or_path, **kwargs)
+
+
+def tiny_spec(model_type: str) -> TinySpec:
+    """How the test builders make a tiny model of ``model_type``."""
+    tiny = family_module(model_type).TINY
+    if model_type not in tiny:
+        raise ValueError(f"no tiny model of {model_type!r} in its family folder")
+    return tiny[model_type]
 
 
 def get_backbone(model: nn.Module) -> Backbone:
@@ -24,5 +46,5 @@ def get_backbone(model: nn.Module) -> Backbone:
     return backbone_class_for(getattr(inner.config, "model_type", type(inner).__name__))(model)
 
 
-__all__ = ["Backbone", "Embedded", "get_backbone", "backbone_class_for", "SUPPORTED_MODEL_TYPES",
-           "QwenVLBackbone", "ChameleonBackbone", "unwrap_peft"]
+__all__ = ["Backbone", "Embedded", "SUPPORTED_MODEL_TYPES", "TinySpec", "backbone_class_for", "family_module",
+           "get_backbone", "load_processor", "tiny_spec", "unwrap_peft"]

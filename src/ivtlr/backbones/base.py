@@ -29,13 +29,14 @@ class Embedded:
 
     embeds: torch.Tensor  # (B, S, D)
     image_mask: torch.Tensor  # (B, S) bool: True at image-token positions, in image-token order
+    #: (B, S, *F) features the decoder adds to image-token rows inside its layers (Qwen3-VL's deepstack), zeros
+    #: elsewhere; they travel with each row, inserted patch copies included. None for most families.
+    row_features: torch.Tensor | None = None
 
 
 class Backbone(ABC):
     """Family-specific glue between the IVT-LR engine and a transformers VLM."""
 
-    #: model_type values (``config.model_type``) this adapter handles.
-    model_types: tuple[str, ...] = ()
     #: K used when the user does not choose one (the original's setting for the family).
     default_num_selected_patches: int = 32
     #: renames from the transformers 4.51 weight layout (the released checkpoints) to the current one.
@@ -96,8 +97,12 @@ class Backbone(ABC):
         return self.lm_head()(hidden)
 
     def run_decoder(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                    cache: DynamicCache | None, output_attentions: bool = False):
-        """One decoder call; ``position_ids`` is (R, B, L) as produced by :meth:`prompt_positions`."""
+                    cache: DynamicCache | None, output_attentions: bool = False,
+                    row_features: torch.Tensor | None = None, visual: torch.Tensor | None = None):
+        """One decoder call; ``position_ids`` is (R, B, L) as produced by :meth:`prompt_positions`.
+
+        ``row_features`` (B, L, *F) and ``visual`` (B, L) are the per-row visual features of :class:`Embedded` and
+        which rows are image tokens, for families whose decoder adds visual features inside its layers."""
         return self.decoder()(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -106,7 +111,14 @@ class Backbone(ABC):
             use_cache=cache is not None,
             output_attentions=output_attentions,
             return_dict=True,
+            **self.decoder_visual_kwargs(row_features, visual),
         )
+
+    def decoder_visual_kwargs(self, row_features: torch.Tensor | None, visual: torch.Tensor | None) -> dict:
+        """Extra decoder arguments carrying per-row visual features; none for families without them."""
+        if row_features is not None:
+            raise NotImplementedError(f"{type(self).__name__} has no per-row visual features")
+        return {}
 
     @property
     def position_rows(self) -> int:

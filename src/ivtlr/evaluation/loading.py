@@ -18,7 +18,7 @@ from transformers import AutoConfig
 from ..config import Config, Mode
 from ..engine import IVTLR
 from ..modeling import LATENT_TOKENS, build_engine, engine_options, load_components
-from ..processors import load_processor
+from ..backbones import load_processor
 
 logger = logging.getLogger(__name__)
 

@@ -5,11 +5,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .base import Backbone, Embedded
+from ..base import Backbone, Embedded
 
 
 class QwenVLBackbone(Backbone):
-    model_types = ("qwen2_vl", "qwen2_5_vl")
     default_num_selected_patches = 32
     # transformers 4.51 layout -> 5.x layout (vision tower and decoder moved under ``model``).
     legacy_key_renames = (

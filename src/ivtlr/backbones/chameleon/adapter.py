@@ -5,11 +5,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .base import Backbone, Embedded
+from ..base import Backbone, Embedded
 
 
 class ChameleonBackbone(Backbone):
-    model_types = ("chameleon",)
     default_num_selected_patches = 64
 
     @property

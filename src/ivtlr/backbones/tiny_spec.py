@@ -1,0 +1,43 @@
+"""What a family tells the tiny-model builders (``ivtlr.testing``): its special tokens, chat template, processor and
+a small config of its real transformers class. Each family folder declares one :class:`TinySpec` per model type it
+supports (``TINY`` in its ``__init__``), so that tests, the demo and the benchmarks build offline models of every
+family through the same code."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
+
+#: Wide enough that a random model's attention is far from uniform (patch selection then means something).
+INITIALIZER_RANGE = 0.1
+
+
+@dataclass(frozen=True)
+class TinySizes:
+    """Sizes of a tiny decoder."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """How to build a tiny random model of one model type.
+
+    ``build_processor(tokenizer, image_size)`` returns the family's processor around the in-memory tokenizer;
+    ``build_config(tokenizer, sizes, image_size)`` a config of ``model_class`` whose token ids agree with it.
+    """
+
+    model_class: type[PreTrainedModel]
+    special_tokens: Sequence[str]  # in id order, before the latent tokens
+    token_roles: dict[str, str]  # tokenizer role -> special token (eos_token, pad_token, ...)
+    chat_template: str
+    default_image_size: int
+    build_processor: Callable[[PreTrainedTokenizerFast, int], ProcessorMixin]
+    build_config: Callable[[PreTrainedTokenizerFast, TinySizes, int], PretrainedConfig]
+    add_bos_token: bool = False
+    extra_tokens: Sequence[str] = field(default_factory=tuple)  # ordinary tokens the family's vocabulary needs

@@ -1,0 +1,180 @@
+"""Where each sample's prompt, latent slots and rest sit, and the rows every latent step adds: the part of the
+algorithm the cached chain (``ivtlr.engine``) and the original's recompute reference (``ivtlr.recompute``) share.
+
+A :class:`SegmentBuilder` holds the options that decide the rows (K, insertion order, latent text, gradient through
+fed-back states); both paths build the same segments from it and differ only in how they run the decoder over them.
+Rows may carry per-row visual features that the decoder adds inside its first layers (Qwen3-VL's deepstack): an
+inserted patch copy carries its source token's features, as the original token did.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .backbones import Backbone
+from .chain import IGNORE_INDEX, SampleState, Segment
+from .interventions import NO_INTERVENTION, LatentIntervention
+from .loss import shifted_cross_entropy
+from .outputs import IVTLROutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Layout:
+    """Where a sample's prompt, latents and rest are, in its real (unpadded) tokens."""
+
+    ids: torch.Tensor
+    labels: torch.Tensor
+    embeds: torch.Tensor
+    image_index: torch.Tensor  # prompt positions of the image tokens, in image-token order
+    prompt_len: int
+    n_latent: int
+    features: torch.Tensor | None = None  # (S, *F) per-row visual features the decoder adds (deepstack), or None
+
+    def visual_rows(self, rows: slice) -> torch.Tensor:
+        """(l,) bool: which of ``rows`` are image tokens."""
+        flags = torch.zeros(len(self.ids), dtype=torch.bool, device=self.ids.device)
+        flags[self.image_index] = True
+        return flags[rows]
+
+
+class SegmentBuilder:
+    """Builds the layouts and segments of a batch for one engine's options."""
+
+    def __init__(self, backbone: Backbone, *, latent_token_id: int, num_selected_patches: int, patch_order: str,
+                 latent_text: bool, latent_grad: str, positions: str, pad_token_id: int):
+        self.backbone, self.latent_token_id = backbone, latent_token_id
+        self.num_selected_patches, self.patch_order = num_selected_patches, patch_order
+        self.latent_text, self.latent_grad, self.positions = latent_text, latent_grad, positions
+        self.pad_token_id = pad_token_id
+
+    def layouts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None,
+                vision: Mapping[str, torch.Tensor]) -> list[Layout]:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embedded = self.backbone.embed(input_ids, vision)
+        layouts = []
+        for b in range(input_ids.shape[0]):
+            real = attention_mask[b].bool()
+            ids = input_ids[b, real]
+            lab = labels[b, real] if labels is not None else torch.full_like(ids, IGNORE_INDEX)
+            latent_at = (ids == self.latent_token_id).nonzero().flatten().tolist()
+            if latent_at and latent_at != list(range(latent_at[0], latent_at[0] + len(latent_at))):
+                raise ValueError(f"sample {b}: the <|latent|> tokens must be consecutive, found them at {latent_at}")
+            prompt_len = latent_at[0] if latent_at else len(ids)
+            image_at = embedded.image_mask[b, real].nonzero().flatten()
+            if len(image_at) and int(image_at[-1]) >= prompt_len:
+                raise ValueError(f"sample {b}: image tokens must come before the first <|latent|> token")
+            if latent_at and not len(image_at) and self.num_selected_patches:
+                logger.debug("sample %d has latent steps but no image: latent vision is empty", b)
+            features = embedded.row_features[b, real] if embedded.row_features is not None else None
+            layouts.append(Layout(ids=ids, labels=lab, embeds=embedded.embeds[b, real], image_index=image_at,
+                                  prompt_len=prompt_len, n_latent=len(latent_at), features=features))
+        return layouts
+
+    def prompt_segments(self, layouts: list[Layout], vision: Mapping[str, torch.Tensor]
+                        ) -> tuple[list[Segment], list[int]]:
+        """Right-padded prompts -> one segment each, with the backbone's prompt positions; and each sample's next
+        free position."""
+        device = layouts[0].ids.device
+        lengths = [lay.prompt_len if lay.n_latent else len(lay.ids) for lay in layouts]
+        width = max(lengths)
+        ids = torch.full((len(layouts), width), self.pad_token_id, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for b, (lay, n) in enumerate(zip(layouts, lengths)):
+            ids[b, :n], mask[b, :n] = lay.ids[:n], 1
+        positions, next_start = self.backbone.prompt_positions(ids, mask, vision, self.positions)
+        segments = [Segment(lay.embeds[:n], positions[:, b, :n], lay.labels[:n],
+                            features=_rows(lay.features, slice(0, n)), visual=lay.visual_rows(slice(0, n)))
+                    for b, (lay, n) in enumerate(zip(layouts, lengths))]
+        return segments, next_start.tolist()
+
+    def latent_step_segment(self, lay: Layout, state: SampleState, fill: torch.Tensor, rows: torch.Tensor,
+                            taken: torch.Tensor, selected: list[torch.Tensor], step: int,
+                            intervention: LatentIntervention = NO_INTERVENTION, sample: int = 0) -> Segment:
+        """Rows [V_step, L_step] (plus the rest of the sample after its last latent). ``rows``: the attention row
+        of the position before the slot over the sample's keys (its first columns are the prompt)."""
+        device = lay.ids.device
+        scores = rows[lay.image_index] if len(lay.image_index) else rows[:0]
+        k = self.num_selected_patches if intervention.num_selected_patches is None \
+            else intervention.num_selected_patches
+        chosen = intervention.choose_patches(sample, step, scores, taken, k, self.patch_order)
+        taken[chosen] = True
+        selected.append(chosen)
+        latent_slot = lay.prompt_len + step - 1
+        if not self.latent_text:
+            fill = lay.embeds[latent_slot]
+        elif self.latent_grad == "detach":
+            fill = fill.detach()
+        fill = intervention.latent_row(sample, step, fill, lay.embeds[latent_slot])
+        if lay.features is not None and intervention.vision == "donor":
+            raise ValueError("a donor image's rows would lack their own per-row visual features (deepstack): "
+                             "the donor-image condition is not available for this family")
+        parts = [intervention.patch_rows(sample, chosen, lay.embeds[lay.image_index]),
+                 fill.unsqueeze(0).to(lay.embeds.dtype)]
+        labels = [torch.full((len(chosen),), IGNORE_INDEX, device=device), lay.labels[latent_slot:latent_slot + 1]]
+        visual = [torch.ones(len(chosen), dtype=torch.bool, device=device),
+                  torch.zeros(1, dtype=torch.bool, device=device)]
+        features = None
+        if lay.features is not None:
+            features = [lay.features[lay.image_index[chosen]], lay.features.new_zeros(1, *lay.features.shape[1:])]
+        if step == lay.n_latent:
+            rest = slice(lay.prompt_len + lay.n_latent, len(lay.ids))
+            parts.append(lay.embeds[rest])
+            labels.append(lay.labels[rest])
+            visual.append(lay.visual_rows(rest))
+            if features is not None:
+                features.append(lay.features[rest])
+        embeds = torch.cat(parts)
+        return Segment(embeds, state.positions(embeds.shape[0], self.backbone.position_rows, device),
+                       torch.cat(labels), latent_row=len(chosen),
+                       features=torch.cat(features) if features is not None else None, visual=torch.cat(visual))
+
+    def assemble(self, states: list[SampleState], selected, with_labels: bool) -> IVTLROutput:
+        """The final sequences, right-padded, with their logits (and loss)."""
+        hidden = [torch.cat([seg.hidden for seg in st.segments]) for st in states]
+        embeds = [torch.cat([seg.embeds for seg in st.segments]) for st in states]
+        labels = [torch.cat([seg.labels for seg in st.segments]) for st in states]
+        width = max(h.shape[0] for h in hidden)
+        batch, device = len(states), hidden[0].device
+        pad_h = torch.zeros(batch, width, hidden[0].shape[-1], dtype=hidden[0].dtype, device=device)
+        pad_e = torch.zeros(batch, width, embeds[0].shape[-1], dtype=embeds[0].dtype, device=device)
+        pad_l = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long, device=device)
+        mask = torch.zeros(batch, width, dtype=torch.long, device=device)
+        for b in range(batch):
+            n = hidden[b].shape[0]
+            pad_h[b, :n], pad_e[b, :n], pad_l[b, :n], mask[b, :n] = hidden[b], embeds[b], labels[b], 1
+        logits = self.backbone.logits(pad_h)
+        loss = loss_per_sample = None
+        if with_labels:
+            loss, loss_per_sample = shifted_cross_entropy(logits, pad_l)
+        return IVTLROutput(loss=loss, logits=logits, selected=selected, attention_mask=mask,
+                           labels=pad_l if with_labels else None, loss_per_sample=loss_per_sample,
+                           inputs_embeds=pad_e, latent_positions=[latent_rows(st) for st in states])
+
+
+def _rows(features: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return features[rows] if features is not None else None
+
+
+def fed_latents(state: SampleState) -> torch.Tensor:
+    """(n_latent, D): the rows the sample's latent slots received."""
+    rows = [seg.embeds[seg.latent_row] for seg in state.segments if seg.latent_row is not None]
+    dim = state.segments[0].embeds.shape[-1]
+    return torch.stack(rows) if rows else state.segments[0].embeds.new_zeros(0, dim)
+
+
+def latent_rows(state: SampleState) -> list[int]:
+    """Final-sequence index of each latent row."""
+    rows, start = [], 0
+    for seg in state.segments:
+        if seg.latent_row is not None:
+            rows.append(start + seg.latent_row)
+        start += seg.length
+    return rows
