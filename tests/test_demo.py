@@ -10,9 +10,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from ivtlr import demo, demo_report
+from ivtlr.demo import report as demo_report
+from ivtlr.demo import run as demo
 from ivtlr.cli import main
-from ivtlr.demo_data import compose_digit_puzzles
+from ivtlr.data.digits import compose_digit_puzzles
 from ivtlr.evaluation.probe import plan_conditions
 
 pytestmark = pytest.mark.filterwarnings("ignore")

@@ -10,7 +10,7 @@ import pytest
 from datasets import load_dataset
 from sklearn.datasets import load_digits
 
-from ivtlr.demo_data import (
+from ivtlr.data.digits import (
     FOLLOW_POINTERS,
     PALETTE,
     READ_CELL,

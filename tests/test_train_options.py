@@ -6,7 +6,7 @@ import pytest
 from schema_files import write_m3cot_files
 from train_runs import column, final_weights, max_difference, single_thread, train_in_process, write_config
 
-from ivtlr.training.datasets import CACHE_ENV, digit_data_files
+from ivtlr.data.builtin import CACHE_ENV, digit_data_files
 
 pytestmark = pytest.mark.usefixtures(single_thread.__name__)
 

@@ -17,7 +17,7 @@ COMMANDS = {
     "eval": ("ivtlr.evaluation.cli", "generate and score answers on a test split"),
     "probe": ("ivtlr.evaluation.probe_cli", "do the latents matter? accuracy under counterfactual latent chains"),
     "infer": ("ivtlr.inference", "answer one question about one image, optionally drawing the chosen patches"),
-    "demo": ("ivtlr.demo", "train and score IVT-LR and its baselines on bundled digit images, on a CPU"),
+    "demo": ("ivtlr.demo.run", "train and score IVT-LR and its baselines on bundled digit images, on a CPU"),
 }
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 

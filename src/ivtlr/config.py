@@ -22,11 +22,11 @@ from typing import Any, Literal, Union
 import yaml
 
 from .errors import UserError
+from .modes import LATENT_MODES, Mode
 
 PositionMode = Literal["original", "mrope"]
 LatentGrad = Literal["detach", "full"]
 PatchOrder = Literal["position", "score", "topk"]
-Mode = Literal["ivtlr", "cot", "nocot", "latent_text_only", "latent_vision_only"]
 Logger = Literal["jsonl", "tensorboard", "wandb"]
 AnswerRule = Literal["original", "m3cot", "ivtlr_loose"]
 DataFiles = Union[str, list[str], dict[str, Union[str, list[str]]]]
@@ -150,7 +150,6 @@ class Config:
 
 
 #: Modes whose curriculum turns reasoning steps into latent steps.
-LATENT_MODES = ("ivtlr", "latent_text_only", "latent_vision_only")
 
 
 def _range_checks(config: Config) -> list[tuple[str, Any, str]]:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from .config import AnswerRule
 from .data import Example, resize_image
-from .data.curriculum import MODES
+from .modes import MODES
 from .evaluation.loading import (LoadedModel, add_device_argument, add_model_arguments, load_requested_model,
                                  resolve_device)
 from .evaluation.runner import GenerationSettings, generate_answers

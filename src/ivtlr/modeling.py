@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 
 from .backbones import backbone_class_for, load_processor, unwrap_peft
 from .engine import IVTLR
+from .modes import mode_spec
 
 logger = logging.getLogger(__name__)
 
@@ -141,11 +142,7 @@ def apply_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, target
 
 def engine_options(mode: str) -> dict:
     """IVTLR options that realise a training / evaluation mode (the paper's baselines and ablations)."""
-    if mode == "latent_text_only":
-        return {"num_selected_patches": 0}
-    if mode == "latent_vision_only":
-        return {"latent_text": False}
-    return {}
+    return dict(mode_spec(mode).engine_options)
 
 
 def build_engine(components: Components, *, num_selected_patches: int | None = None, mode: str = "ivtlr",

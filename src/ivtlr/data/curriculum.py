@@ -10,14 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 from PIL import Image
 
+from ..modes import Mode, mode_spec
 from .example import Example, option_letter
 
-Mode = Literal["ivtlr", "cot", "nocot", "latent_text_only", "latent_vision_only"]
-MODES: tuple[Mode, ...] = ("ivtlr", "cot", "nocot", "latent_text_only", "latent_vision_only")
 # The two ablations change only what the engine puts in a latent step; their data is IVT-LR's.
 MAX_STEPS = 3
 
@@ -82,13 +80,12 @@ def latent_plan(
     `max_latent_stage` latent steps if `pad_latent_to_max`, else one per step (at most `max_latent_stage`).
     Each latent step is `latents_per_step` slots (Coconut's c_thought).
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}: use one of {MODES}")
+    curriculum = mode_spec(mode).curriculum
     if min(n_steps, stage, max_latent_stage) < 0 or latents_per_step < 1:
         raise ValueError("n_steps, stage and max_latent_stage must be >= 0 and latents_per_step >= 1")
-    if mode == "cot":
+    if curriculum == "written":
         return 0, 0
-    if mode == "nocot":
+    if curriculum == "answer":
         return 0, n_steps
     if stage <= max_latent_stage:
         latent_steps, removed = stage, min(stage, n_steps)
@@ -120,8 +117,7 @@ class Curriculum:
     mode: Mode = "ivtlr"
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}: use one of {MODES}")
+        mode_spec(self.mode)  # an unknown mode is an error naming the known ones
         if self.epochs_per_stage < 1 or self.max_latent_stage < 0 or self.latents_per_step < 1:
             raise ValueError(f"invalid curriculum settings: {self}")
 

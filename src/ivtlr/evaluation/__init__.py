@@ -1,6 +1,7 @@
 """Evaluation: batched latent generation over a split, scoring, resumable predictions (``ivtlr eval``)."""
 
-from .loading import (DEFAULT_N_LATENT, NO_LATENT_MODES, LoadedModel, default_device, load_checkpoint_model,
+from ..modes import NO_LATENT_MODES
+from .loading import (DEFAULT_N_LATENT, LoadedModel, default_device, load_checkpoint_model,
                       load_config_model, load_original_model)
 from .runner import (GROUP_KEYS, Answer, GenerationSettings, evaluate, evaluation_summary, generate_answers,
                      group_keys_for, prediction_record)

@@ -19,7 +19,7 @@ from ..config import Config, ConfigError, load_config
 from ..data import ExampleSequence, load_examples
 from ..files import write_text_atomically
 from ..scoring import format_summary_table
-from ..training.datasets import resolve_source
+from ..data.builtin import resolve_source
 from .loading import (LoadedModel, add_device_argument, add_model_arguments, load_config_model, load_requested_model,
                       resolve_device)
 from .provenance import checkpoint_identity, config_model_identity, data_identity, original_identity

@@ -15,15 +15,14 @@ from typing import Any
 import torch
 from transformers import AutoConfig
 
-from ..config import Config, Mode
+from ..config import Config
+from ..modes import NO_LATENT_MODES, Mode
 from ..engine import IVTLR
 from ..modeling import LATENT_TOKENS, build_engine, engine_options, load_components
 from ..backbones import load_processor
 
 logger = logging.getLogger(__name__)
 
-#: Modes that answer without latent steps (the paper's No-CoT and CoT baselines).
-NO_LATENT_MODES = ("nocot", "cot")
 #: The original's number of latent steps at inference, used when nothing else says how many.
 DEFAULT_N_LATENT = 3
 

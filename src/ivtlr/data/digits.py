@@ -59,7 +59,7 @@ from datasets import Image as ImageFeature
 from datasets import Sequence as SequenceFeature
 from PIL import Image
 
-from .data.example import option_letter
+from .example import option_letter
 
 logger = logging.getLogger(__name__)
 

@@ -37,23 +37,23 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import demo_report as report_lib
-from .config import Config, DatasetConfig, EvalConfig
-from .data import load_examples
-from .data.curriculum import format_prompt_text, split_rationale, target_text
-from .data.example import option_letter
-from .demo_data import (DIGIT_CHOICES, FOLLOW_POINTERS, MERGED_PATCH_PX, READ_CELL, DigitPuzzle,
+from . import report as report_lib
+from ..config import Config, DatasetConfig, EvalConfig
+from ..data import load_examples
+from ..data.curriculum import format_prompt_text, split_rationale, target_text
+from ..data.example import option_letter
+from ..data.digits import (DIGIT_CHOICES, FOLLOW_POINTERS, MERGED_PATCH_PX, READ_CELL, DigitPuzzle,
                         compose_digit_puzzles, write_digit_reasoning, write_puzzles)
-from .demo_report import VARIANT_LABELS, VARIANTS
-from .evaluation import GenerationSettings, evaluate, evaluation_summary, load_checkpoint_model
-from .evaluation.probe import plan_conditions, probe_summary, run_probe
-from .evaluation.probe_report import write_probe_outputs
-from .explain import save_selection_png
-from .files import write_text_atomically
-from .inference import answer_question
-from .machine import cpu_model_name
-from .metrics_log import JSONL_FILE
-from .testing import build_tiny
+from .report import VARIANT_LABELS, VARIANTS
+from ..evaluation import GenerationSettings, evaluate, evaluation_summary, load_checkpoint_model
+from ..evaluation.probe import plan_conditions, probe_summary, run_probe
+from ..evaluation.probe_report import write_probe_outputs
+from ..explain import save_selection_png
+from ..files import write_text_atomically
+from ..inference import answer_question
+from ..machine import cpu_model_name
+from ..metrics_log import JSONL_FILE
+from ..testing import build_tiny
 
 logger = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ def train_run(config: Config) -> Path:
     """``ivtlr train`` in this process; returns the run's final checkpoint."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from .training import train
+    from ..training import train
 
     try:
         result = train(config)

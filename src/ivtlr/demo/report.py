@@ -10,9 +10,9 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .demo_data import DigitPuzzle
-from .evaluation.probe_report import TABLE_NOTE, markdown_table
-from .scoring import wilson_interval
+from ..data.digits import DigitPuzzle
+from ..evaluation.probe_report import TABLE_NOTE, markdown_table
+from ..scoring import wilson_interval
 
 #: The report's rows, in the paper's order: baselines, then the two ablations, then the method.
 VARIANTS = ("nocot", "cot", "latent_text_only", "latent_vision_only", "ivtlr")
