@@ -114,8 +114,8 @@ class SegmentBuilder:
             fill = fill.detach()
         fill = intervention.latent_row(sample, step, fill, lay.embeds[latent_slot])
         if lay.features is not None and intervention.vision == "donor":
-            raise ValueError("a donor image's rows would lack their own per-row visual features (deepstack): "
-                             "the donor-image condition is not available for this family")
+            raise ValueError("a donor image's rows would lack their own per-row visual features: the donor-image "
+                             "condition is not available for this family")
         parts = [intervention.patch_rows(sample, chosen, lay.embeds[lay.image_index]),
                  fill.unsqueeze(0).to(lay.embeds.dtype)]
         labels = [torch.full((len(chosen),), IGNORE_INDEX, device=device), lay.labels[latent_slot:latent_slot + 1]]

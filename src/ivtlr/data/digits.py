@@ -240,7 +240,8 @@ def compose_digit_puzzles(
 def render_puzzle(puzzle: DigitPuzzle, scans: DigitScans, cell_px: int = MERGED_PATCH_PX) -> Image.Image:
     """Draw the grid: each cell filled with its colour, the scan in black ink with a thin margin."""
     if cell_px <= 0 or cell_px % MERGED_PATCH_PX:
-        raise ValueError(f"cell_px must be a multiple of {MERGED_PATCH_PX} (one Qwen2-VL merged token), got {cell_px}")
+        raise ValueError(f"cell_px must be a multiple of {MERGED_PATCH_PX} (one merged image token of the demo's "
+                         f"model), got {cell_px}")
     scale = 3 * cell_px // MERGED_PATCH_PX
     margin = (cell_px - scale * SCAN_PX) // 2
     side = puzzle.grid * cell_px

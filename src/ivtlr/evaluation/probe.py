@@ -113,12 +113,15 @@ class ConditionResult:
         low, high = wilson_interval(correct, n)
         by_id = dict(zip(trained.ids, trained.letters))
         changed = sum(letter != by_id.get(qid) for qid, letter in zip(self.ids, self.letters))
-        mean = (lambda values: sum(values) / len(values) if values else 0.0)
         return {**asdict(self.condition), "questions": n, "correct": correct, "accuracy": correct / n if n else 0.0,
                 "accuracy_ci95": [low, high], "ar_steps": mean(self.n_tokens),
                 "attention_on_latents": mean([a for a, _ in self.attention]),
                 "attention_on_patches": mean([p for _, p in self.attention]),
                 "answers_changed": changed / n if n else 0.0}
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
 
 
 def question_seed(seed: int, example_id: str) -> int:
