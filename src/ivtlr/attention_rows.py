@@ -2,19 +2,21 @@
 
 IVT-LR ranks image patches by the attention that one query (the position before the next latent slot) pays to
 every key, averaged over layers and heads. The original asks the model for every attention map of every layer
-(eager attention only, O(L^2) memory). Here the model keeps its own attention kernel (sdpa, flash, eager) and a
-thin wrapper around that kernel computes softmax(q·Kᵀ) for the single query of interest from the same (RoPE-applied,
-cache-extended) query and key tensors the kernel receives.
+(eager attention only, O(L^2) memory). Here the model keeps its own attention kernel (sdpa, flash, eager), called
+through a registered attention function (``ivtlr_rows_<kernel>``) that also computes softmax(q·Kᵀ) for the single
+query of interest from the same (RoPE-applied, cache-extended) query and key tensors the kernel receives, when an
+armed recorder observes the module.
 """
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import weakref
+from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers.modeling_utils import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 
 class AttentionRowRecorder:
@@ -66,33 +68,53 @@ class AttentionRowRecorder:
         return self._sum / self._count
 
 
+#: Attention functions registered by ivtlr are named ``ivtlr_rows_<kernel>``: the kernel, plus the row capture.
+ROW_KERNEL_PREFIX = "ivtlr_rows_"
+#: Attribute of an attention module listing the recorders (weakly) that observe it.
+_RECORDERS_ATTRIBUTE = "_ivtlr_row_recorders"
+
+
 def _model_eager_attention(module: nn.Module) -> Callable:
     """The eager kernel of the module's own modeling file (transformers defines one per model family)."""
     return getattr(sys.modules[type(module).__module__], "eager_attention_forward")
 
 
-@contextmanager
-def capture_attention_rows(recorder: AttentionRowRecorder, attn_implementation: str) -> Iterator[None]:
-    """Route the model's attention kernel through a wrapper that also feeds ``recorder``.
+def base_kernel_name(implementation: str) -> str:
+    """The kernel under a row-capturing implementation name (``ivtlr_rows_sdpa`` -> ``sdpa``)."""
+    return implementation.removeprefix(ROW_KERNEL_PREFIX)
 
-    Modules not observed by the recorder (the vision tower, other models) call the kernel unchanged.
-    """
-    mapping = AttentionInterface._global_mapping
-    had_key = attn_implementation in mapping
-    kernel = mapping.get(attn_implementation)
+
+def register_row_kernel(base: str) -> str:
+    """Register, once, the attention function ``ivtlr_rows_<base>``: ``base``'s kernel (sdpa, eager, flash, ...) and
+    mask, plus the row capture of :class:`AttentionRowRecorder`. Returns its name.
+
+    It goes through transformers' public registries (``AttentionInterface.register``,
+    ``AttentionMaskInterface.register``) and is selected per model (:func:`install_row_capture`), so no other model
+    and no global kernel changes; a module no armed recorder observes runs the kernel alone."""
+    base = base_kernel_name(base)
+    name = ROW_KERNEL_PREFIX + base
+    if name in ALL_ATTENTION_FUNCTIONS:
+        return name
+    kernel = None if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
 
     def kernel_with_rows(module, query, key, value, attention_mask, **kwargs):
-        impl = kernel if kernel is not None else _model_eager_attention(module)
-        out = impl(module, query, key, value, attention_mask, **kwargs)
-        if recorder.observes(module):
-            recorder.record(query, key, kwargs.get("scaling") or module.scaling)
+        out = (kernel or _model_eager_attention(module))(module, query, key, value, attention_mask, **kwargs)
+        for reference in getattr(module, _RECORDERS_ATTRIBUTE, ()):
+            recorder = reference()
+            if recorder is not None and recorder.observes(module):
+                recorder.record(query, key, kwargs.get("scaling") or module.scaling)
         return out
 
-    mapping[attn_implementation] = kernel_with_rows
-    try:
-        yield
-    finally:
-        if had_key:
-            mapping[attn_implementation] = kernel
-        else:
-            del mapping[attn_implementation]
+    AttentionInterface.register(name, kernel_with_rows)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+def attach_recorder(recorder: AttentionRowRecorder, modules: list[nn.Module]) -> None:
+    """Let ``recorder`` observe ``modules`` (several engines may wrap one model; each records only when armed)."""
+    for module in modules:
+        references = [r for r in getattr(module, _RECORDERS_ATTRIBUTE, []) if r() is not None]
+        if not any(r() is recorder for r in references):
+            references.append(weakref.ref(recorder))
+        # object.__setattr__: a plain attribute, not a registered submodule or buffer (nothing to save or move).
+        object.__setattr__(module, _RECORDERS_ATTRIBUTE, references)

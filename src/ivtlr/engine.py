@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .attention_rows import AttentionRowRecorder, capture_attention_rows
+from .attention_rows import ROW_KERNEL_PREFIX, AttentionRowRecorder, attach_recorder, register_row_kernel
 from .backbones import Backbone, get_backbone
 from .chain import IGNORE_INDEX, ChainRunner, SampleState, Segment
 from .interventions import NO_INTERVENTION, LatentIntervention
@@ -76,6 +76,8 @@ class IVTLR(nn.Module):
         self.pad_token_id = pad_token_id if pad_token_id is not None else \
             getattr(self.backbone.text_config, "pad_token_id", None) or min(self.eos_token_ids, default=0)
         self.recorder = AttentionRowRecorder(self.backbone.attention_modules())
+        attach_recorder(self.recorder, self.backbone.attention_modules())
+        self._select_row_kernel()
         self.builder = SegmentBuilder(self.backbone, latent_token_id=self.latent_token_id,
                                       num_selected_patches=self.num_selected_patches, patch_order=patch_order,
                                       latent_text=latent_text, latent_grad=latent_grad, positions=positions,
@@ -167,14 +169,13 @@ class IVTLR(nn.Module):
         for intervention in interventions:
             intervention.check_batch(len(layouts))
         query = measure_attention or max(lay.n_latent for lay in layouts) > 0
-        with capture_attention_rows(self.recorder, self.backbone.attn_implementation):
-            prefilled, rows = self._prefill(layouts, vision, cached=True, grad=False, query=query)
+        self._select_row_kernel()
+        prefilled, rows = self._prefill(layouts, vision, cached=True, grad=False, query=query)
         outputs = []
         for i, intervention in enumerate(interventions):
             runner = prefilled.fork() if i < len(interventions) - 1 else prefilled
-            with capture_attention_rows(self.recorder, self.backbone.attn_implementation):
-                selected, final_rows = self._latent_passes(layouts, runner, rows, grad=False,
-                                                           intervention=intervention, query_last=measure_attention)
+            selected, final_rows = self._latent_passes(layouts, runner, rows, grad=False,
+                                                       intervention=intervention, query_last=measure_attention)
             pick = _TokenPicker(do_sample, temperature, top_p, top_k, generator)
             decoder = _Decoder(self, runner, layouts, final_rows if measure_attention else None)
             sequences, lengths, attention = decoder.run(pick, max_new_tokens, eos, pad, input_ids.device)
@@ -196,6 +197,14 @@ class IVTLR(nn.Module):
         return self.backbone.image_grid(_vision(vision_inputs), sample)
 
     # ------------------------------------------------------------------------------------------ internals
+    def _select_row_kernel(self) -> None:
+        """Make the text decoder run its attention kernel through ivtlr's row-capturing function (the same kernel:
+        outputs are unchanged). Checked before each chain, as the model's implementation may have been switched
+        since (e.g. to eager and back by the recompute reference)."""
+        implementation = self.backbone.attn_implementation
+        if not implementation.startswith(ROW_KERNEL_PREFIX):
+            self.backbone.set_text_attention(register_row_kernel(implementation))
+
     def _gradient_checkpointing_active(self) -> bool:
         model = self.backbone.model
         flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
@@ -206,11 +215,11 @@ class IVTLR(nn.Module):
                    defer_final: bool = False, intervention: LatentIntervention = NO_INTERVENTION):
         """Prompt pass, then one pass per latent step; returns the runner (segments and hidden states) and the
         selections. ``defer_final``: the caller re-runs the whole final sequence, so the last pass is skipped."""
-        with capture_attention_rows(self.recorder, self.backbone.attn_implementation):
-            runner, rows = self._prefill(layouts, vision, cached=cached, grad=grad,
-                                         query=max(lay.n_latent for lay in layouts) > 0)
-            selected, _ = self._latent_passes(layouts, runner, rows, grad=grad, defer_final=defer_final,
-                                              intervention=intervention)
+        self._select_row_kernel()
+        runner, rows = self._prefill(layouts, vision, cached=cached, grad=grad,
+                                     query=max(lay.n_latent for lay in layouts) > 0)
+        selected, _ = self._latent_passes(layouts, runner, rows, grad=grad, defer_final=defer_final,
+                                          intervention=intervention)
         return runner, selected
 
     def _prefill(self, layouts: list[Layout], vision: Mapping[str, torch.Tensor], *, cached: bool, grad: bool,
@@ -342,8 +351,7 @@ class _Decoder:
                                 torch.full((1,), IGNORE_INDEX, device=device)) if active[b] else None
                         for b, state in enumerate(runner.states)]
             if self.measure:
-                with capture_attention_rows(self.engine.recorder, backbone.attn_implementation):
-                    rows = runner.run(segments, query=True, grad=False)
+                rows = runner.run(segments, query=True, grad=False)
                 for b in range(batch):
                     if active[b]:
                         self._add(b, rows[b])

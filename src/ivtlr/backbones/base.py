@@ -83,7 +83,16 @@ class Backbone(ABC):
 
     @property
     def attn_implementation(self) -> str:
+        """The text decoder's attention implementation (a registered name, e.g. ``sdpa`` or ``ivtlr_rows_sdpa``)."""
         return self.decoder().config._attn_implementation or "eager"
+
+    def set_text_attention(self, implementation: str) -> None:
+        """Select ``implementation`` for the text decoder only (the vision tower keeps its own), through
+        ``set_attn_implementation``."""
+        config = self.model.config
+        key = next((name for name in getattr(config, "sub_configs", {}) or {}
+                    if getattr(config, name, None) is self.text_config), None)
+        self.model.set_attn_implementation({key: implementation} if key else implementation)
 
     # ---- computation -----------------------------------------------------------------------------------
     @abstractmethod
