@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 
 from .backbones import backbone_class_for, load_processor, unwrap_peft
 from .engine import IVTLR
+from .errors import UserError
 from .modes import mode_spec
 
 logger = logging.getLogger(__name__)
@@ -65,8 +66,16 @@ def load_components(name: str, *, dtype: torch.dtype = torch.float32, attn_imple
         model, tokenizer, processor = source(argument, attn_implementation=attn_implementation, seed=seed,
                                              image_size=image_size, dtype=dtype, **(tiny_options or {}))
     else:
-        config = AutoConfig.from_pretrained(name)
-        backbone_class_for(config.model_type)  # fail early, naming the supported families
+        try:
+            config = AutoConfig.from_pretrained(name)
+        except OSError as error:  # not a directory, and the hub unreachable or without such a repository
+            raise ModelNotFound(f"cannot load the model {name!r}: it is not a local model directory and the Hugging "
+                                f"Face hub could not provide it ({error.__class__.__name__}: {first_line(error)}). "
+                                "Connect, or set model: to a local directory") from error
+        try:
+            backbone_class_for(config.model_type)  # fail early, naming the supported families
+        except ValueError as error:
+            raise ModelNotFound(f"{name}: {error}") from error
         processor = load_processor(name, config.model_type)
         tokenizer = processor.tokenizer
         model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype,
@@ -74,6 +83,14 @@ def load_components(name: str, *, dtype: torch.dtype = torch.float32, attn_imple
     start_id, end_id, latent_id = add_latent_tokens(tokenizer, model)
     return Components(model=model, tokenizer=tokenizer, processor=processor, model_type=model.config.model_type,
                       latent_token_id=latent_id, start_latent_id=start_id, end_latent_id=end_id)
+
+
+class ModelNotFound(UserError):
+    """A model name that names no loadable, supported model."""
+
+
+def first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else ""
 
 
 def model_source(name: str) -> tuple[Callable | None, str]:

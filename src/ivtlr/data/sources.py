@@ -202,7 +202,12 @@ def _open_source(
     hub_schemas = {hub_id: name for name, hub_id in HUB_IDS.items()}
     if source in hub_schemas or (source in HUB_IDS and data_files is None):
         hub_id = source if source in hub_schemas else HUB_IDS[source]
-        table = datasets.load_dataset(hub_id, split=split, cache_dir=cache_dir)
+        try:
+            table = datasets.load_dataset(hub_id, split=split, cache_dir=cache_dir)
+        except (ConnectionError, OSError) as error:  # offline, unreachable, or not in the local cache
+            raise DataFileError(f"cannot load the dataset {hub_id!r} (split {split!r}) from the Hugging Face hub or "
+                                f"its local cache: {error}. Connect, or point dataset.data_files at local parquet / "
+                                "JSONL files in its schema") from error
         return hub_schemas[hub_id], [_Part(table, None)]
     if source not in (*SCHEMAS, "auto"):
         raise DataFileError(f"unknown source {source!r}: use one of {sorted(hub_schemas)}, {sorted(SCHEMAS)} or "
