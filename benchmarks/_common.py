@@ -7,6 +7,7 @@ allocator (never RSS, which also counts the interpreter, libraries and freed-but
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -249,11 +250,27 @@ def benchmark_parser(description: str, default_out: Path, *, warmup: int, unit: 
     return parser
 
 
-def build_bench_model(config, dtype: torch.dtype, device: torch.device):
-    """The benchmarks' tiny Qwen2-VL (sdpa) at ``config``'s sizes, on ``device``."""
+#: The benchmark configs' image sizes are Qwen2-VL's: 28-pixel merged patches (280 -> 10x10 image tokens).
+REFERENCE_MERGED_PATCH = 28
+
+
+def family_image_size(family: str, image_size: int) -> int:
+    """The square side that gives ``family`` the image-token grid ``image_size`` gives Qwen2-VL, so that families
+    with other patch sizes are measured on as many image tokens; families without merged patches keep it."""
+    from ivtlr.testing import build_processor, build_tokenizer
+
+    image_processor = build_processor(family, build_tokenizer(family)).image_processor
+    patch = getattr(image_processor, "patch_size", None)
+    if patch is None:
+        return image_size
+    return image_size // REFERENCE_MERGED_PATCH * patch * getattr(image_processor, "merge_size", 1)
+
+
+def build_bench_model(config, dtype: torch.dtype, device: torch.device, family: str = "qwen2_vl"):
+    """The benchmarks' tiny ``family`` model (sdpa) at ``config``'s sizes, on ``device``."""
     from ivtlr.testing import build_tiny
 
-    bundle = build_tiny("qwen2_vl", attn_implementation="sdpa", hidden_size=config.hidden_size,
+    bundle = build_tiny(family, attn_implementation="sdpa", hidden_size=config.hidden_size,
                         num_layers=config.num_layers, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
                         intermediate_size=config.intermediate_size, image_size=config.image_size, dtype=dtype)
     bundle.model.to(device)
@@ -267,4 +284,6 @@ def bench_setup(args: argparse.Namespace, full: ConfigT, quick: ConfigT
     if args.threads:
         torch.set_num_threads(args.threads)
     config = quick if args.quick else full
-    return device, dtype, config, build_bench_model(config, dtype, device)
+    family = getattr(args, "family", "qwen2_vl")
+    config = dataclasses.replace(config, image_size=family_image_size(family, config.image_size))
+    return device, dtype, config, build_bench_model(config, dtype, device, family)

@@ -27,7 +27,7 @@ import torch
 from _common import (Measurement, Target, bench_setup, benchmark_parser, format_table, load_average, machine_info,
                      measure_all, report)
 from ivtlr import IVTLR
-from ivtlr.testing import TinyBundle, make_test_image
+from ivtlr.testing import FAMILIES, TinyBundle, make_test_image
 
 logger = logging.getLogger("bench_engine")
 
@@ -159,6 +159,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = benchmark_parser(__doc__.split("\n\n")[0], DEFAULT_OUT, warmup=2, unit="step")
     parser.add_argument("--latent-grad", default="detach", choices=("detach", "full"),
                         help="gradient through the fed-back hidden states: none (the original) or full (Coconut)")
+    parser.add_argument("--family", default="qwen2_vl", choices=FAMILIES,
+                        help="model type of the tiny model; its image is sized to Qwen2-VL's number of image tokens")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup = 1, 0  # the loss-recording call in main() is the warmup
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
         config={**asdict(config), "dtype": args.dtype, "latent_grad": args.latent_grad, "quick": args.quick,
                 "repeats": args.repeats, "warmup": args.warmup, "prompt_length": batches.prompt_length,
                 "image_tokens": batches.image_tokens, "input_length": batches.latent["input_ids"].shape[1],
-                "final_length": final_length},
+                "final_length": final_length, "family": args.family},
         results={name: {**m.as_dict(), "loss": losses[name]} for name, m in results.items()})
 
 if __name__ == "__main__":

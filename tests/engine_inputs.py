@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ivtlr.data.collate import TOKEN_TYPE_KEYS
 from ivtlr.testing import TinyBundle, make_test_image
 
 
@@ -31,10 +32,9 @@ def encode_sample(bundle: TinyBundle, spec: SampleSpec) -> dict:
     latents = torch.full((spec.n_latent,), bundle.latent_token_id)
     ids = torch.cat([prompt, latents, answer])
     labels = torch.cat([torch.full((len(prompt) + spec.n_latent,), -100), answer])
-    sample = {"input_ids": ids, "labels": labels, "pixel_values": enc["pixel_values"]}
-    if "image_grid_thw" in enc:
-        sample["image_grid_thw"] = enc["image_grid_thw"]
-    return sample
+    # Every other processor output (pixel_values and the family's own keys) travels as the data collator sends it.
+    vision = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", *TOKEN_TYPE_KEYS)}
+    return {"input_ids": ids, "labels": labels, **vision}
 
 
 def collate(bundle: TinyBundle, samples: list[dict], padding_side: str = "right") -> dict:
@@ -48,9 +48,8 @@ def collate(bundle: TinyBundle, samples: list[dict], padding_side: str = "right"
         cols = slice(0, n) if padding_side == "right" else slice(width - n, width)
         batch["input_ids"][b, cols], batch["labels"][b, cols], batch["attention_mask"][b, cols] = \
             s["input_ids"], s["labels"], 1
-    batch["pixel_values"] = torch.cat([s["pixel_values"] for s in samples])
-    if "image_grid_thw" in samples[0]:
-        batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in samples])
+    for key in sorted(samples[0].keys() - {"input_ids", "labels"}):
+        batch[key] = torch.cat([s[key] for s in samples])
     return batch
 
 

@@ -263,16 +263,18 @@ def test_example_sequence_decodes_a_fresh_image_per_access(tmp_path):
 
 HUB_PROBE = """
 from ivtlr.data import load_examples
+from ivtlr.errors import DataFileError
 for source in ("m3cot", "LightChen2333/M3CoT", "scienceqa", "derek-thomas/ScienceQA"):
     try:
         load_examples(source, "test")
-    except ConnectionError as error:
+    except DataFileError as error:
         print(source, "->", error)
 """
 
 
 def test_hub_sources_ask_the_hub_for_their_dataset(tmp_path):
-    """Offline, the hub call fails, but its message shows which dataset `load_dataset` was asked for."""
+    """Offline, the hub call fails with a user error whose message shows which dataset `load_dataset` was asked
+    for."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", HUB_PROBE], env=env, capture_output=True, text=True, timeout=120)
     lines = result.stdout.splitlines()

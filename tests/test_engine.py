@@ -32,9 +32,13 @@ def _step(engine: IVTLR, batch: dict, recompute: bool):
 
 
 def _assert_grads_close(got: dict, want: dict, rel: float = 1e-3):
+    """Each gradient within ``rel`` of the reference, relative to at least 1e-5 of the largest one: a gradient that is
+    zero in exact arithmetic (a key bias without rotary positions, as in many vision towers, shifts all of a query's
+    scores alike) is rounding noise on both paths."""
     assert got.keys() == want.keys() and want
+    floor = 1e-5 * max(float(w.norm()) for w in want.values())
     for name in want:
-        err = (got[name] - want[name]).norm() / want[name].norm().clamp(min=1e-12)
+        err = (got[name] - want[name]).norm() / want[name].norm().clamp(min=max(floor, 1e-12))
         assert err < rel, (name, float(err))
 
 
