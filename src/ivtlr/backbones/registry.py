@@ -7,4 +7,5 @@ from __future__ import annotations
 FAMILIES: dict[str, tuple[str, ...]] = {
     "qwen2_vl": ("qwen2_vl", "qwen2_5_vl"),
     "chameleon": ("chameleon",),
+    "internvl": ("internvl",),
 }

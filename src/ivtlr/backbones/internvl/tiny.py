@@ -1,0 +1,93 @@
+"""Tiny InternVL: the real class (InternViT tower, pixel-shuffle projector, Qwen3 decoder) at a few hundred thousand
+parameters, for offline tests. The default 112-px tile gives 8x8 patches of 14 -> 4x4 = 16 image tokens."""
+from __future__ import annotations
+
+from transformers import (GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration,
+                          PreTrainedTokenizerFast)
+
+from ..tiny_spec import INITIALIZER_RANGE, TinySizes, TinySpec
+from .processor import ImageOnlyInternVLProcessor
+
+# Order fixes the ids (0, 1, 2, ...).
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>")
+# The image tokens are named as in the released tokenizers (InternVLProcessor reads these names), in the order
+# tokenizer_config.json stores them, so a saved and reloaded tokenizer lists its special tokens in the same order.
+TOKEN_ROLES = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "context_image_token": "<IMG_CONTEXT>",
+               "end_image_token": "</img>", "start_image_token": "<img>", "video_token": "<video>"}
+# As the released "-hf" template: `<IMG_CONTEXT>` marks the image; the processor expands it into
+# `<img>` + one `<IMG_CONTEXT>` per image token + `</img>`.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<IMG_CONTEXT>\n"
+    "{% elif item['type'] == 'video' %}<video>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+PATCH_SIZE = 14
+DOWNSAMPLE_RATIO = 0.5  # pixel shuffle: 2x2 patches -> one image token
+DEFAULT_IMAGE_SIZE = 112
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # as InternVL's image processor
+
+
+def tokens_per_tile(image_size: int) -> int:
+    side = image_size // PATCH_SIZE
+    return int(side * side * DOWNSAMPLE_RATIO**2)
+
+
+def build_processor(tokenizer: PreTrainedTokenizerFast, image_size: int) -> ImageOnlyInternVLProcessor:
+    """Every image becomes one ``image_size`` tile (default 112 -> 16 image tokens)."""
+    factor = int(PATCH_SIZE / DOWNSAMPLE_RATIO)
+    if image_size % factor:
+        raise ValueError(f"InternVL image_size must be a multiple of {factor}, got {image_size}")
+    image_processor = GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size},
+                                               image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+    return ImageOnlyInternVLProcessor(image_processor, tokenizer, image_seq_length=tokens_per_tile(image_size),
+                                      chat_template=CHAT_TEMPLATE)
+
+
+def text_config(tokenizer: PreTrainedTokenizerFast, sizes: TinySizes, model_type: str) -> dict:
+    """A Qwen3 (InternVL3.5) or Qwen2 (InternVL3) decoder."""
+    return {
+        "model_type": model_type,
+        "vocab_size": len(tokenizer),
+        "hidden_size": sizes.hidden_size,
+        "intermediate_size": sizes.intermediate_size,
+        "num_hidden_layers": sizes.num_layers,
+        "num_attention_heads": sizes.num_heads,
+        "num_key_value_heads": sizes.num_kv_heads,
+        "head_dim": sizes.hidden_size // sizes.num_heads,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "initializer_range": INITIALIZER_RANGE,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+        "bos_token_id": tokenizer.pad_token_id,  # as in the Qwen-based checkpoints: <|endoftext|> doubles as BOS
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": False,
+    }
+
+
+def build_config(tokenizer: PreTrainedTokenizerFast, sizes: TinySizes, image_size: int,
+                 text_model_type: str = "qwen3") -> InternVLConfig:
+    vision = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
+              "image_size": image_size, "patch_size": PATCH_SIZE, "initializer_range": INITIALIZER_RANGE}
+    return InternVLConfig(
+        vision_config=vision,
+        text_config=text_config(tokenizer, sizes, text_model_type),
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=tokens_per_tile(image_size),
+        downsample_ratio=DOWNSAMPLE_RATIO,
+        tie_word_embeddings=False,
+    )
+
+
+TINY = {"internvl": TinySpec(model_class=InternVLForConditionalGeneration, special_tokens=SPECIAL_TOKENS,
+                             token_roles=TOKEN_ROLES, chat_template=CHAT_TEMPLATE,
+                             default_image_size=DEFAULT_IMAGE_SIZE, build_processor=build_processor,
+                             build_config=build_config)}
