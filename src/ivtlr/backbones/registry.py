@@ -8,4 +8,5 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "qwen2_vl": ("qwen2_vl", "qwen2_5_vl"),
     "chameleon": ("chameleon",),
     "internvl": ("internvl",),
+    "llava_onevision": ("llava_onevision",),
 }
