@@ -9,4 +9,5 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "chameleon": ("chameleon",),
     "internvl": ("internvl",),
     "llava_onevision": ("llava_onevision",),
+    "qwen3_vl": ("qwen3_vl",),
 }
