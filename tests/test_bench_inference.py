@@ -1,17 +1,14 @@
 """The inference benchmark runs end to end at tiny sizes, and its original-style path generates the engine's ids."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import bench_inference  # noqa: E402
-from ivtlr import IVTLR  # noqa: E402
-from ivtlr.testing import build_tiny  # noqa: E402
+from ivtlr import IVTLR
+from ivtlr.bench import inference as bench_inference
+from ivtlr.testing import build_tiny
 
 
 def test_original_style_generation_gives_the_engines_ids():

@@ -1,16 +1,13 @@
 """The training-step benchmark runs end to end at tiny sizes, and its memory measurement is exact."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from _common import cpu_peak_bytes  # noqa: E402
-import bench_engine  # noqa: E402
+from ivtlr.bench import engine as bench_engine
+from ivtlr.bench.common import cpu_peak_bytes
 
 FLOAT32 = 4
 

@@ -5,9 +5,8 @@ import argparse
 import importlib
 import logging
 import os
-import runpy
 import sys
-from pathlib import Path
+from collections.abc import Callable
 
 from .errors import UserError
 
@@ -19,21 +18,21 @@ COMMANDS = {
     "infer": ("ivtlr.inference", "answer one question about one image, optionally drawing the chosen patches"),
     "demo": ("ivtlr.demo.run", "train and score IVT-LR and its baselines on bundled digit images, on a CPU"),
 }
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+#: ``ivtlr bench NAME`` runs ``ivtlr.bench.NAME.main(argv)``: prints a table, writes JSON.
+BENCHMARKS = ("engine", "inference")
 
 
 def _bench(argv: list[str]) -> int:
-    """``ivtlr bench NAME [args]`` runs ``benchmarks/bench_NAME.py`` from a source checkout."""
+    """``ivtlr bench NAME [args]`` runs the installed benchmark ``ivtlr.bench.NAME`` (no source checkout needed)."""
     if not argv or argv[0] in ("-h", "--help"):
-        names = sorted(p.stem.removeprefix("bench_") for p in BENCHMARKS.glob("bench_*.py"))
-        print(f"usage: ivtlr bench {{{','.join(names)}}} [options]")  # noqa: T201 - CLI usage text
+        print(f"usage: ivtlr bench {{{','.join(BENCHMARKS)}}} [options]")  # noqa: T201 - CLI usage text
         return 0
-    script = BENCHMARKS / f"bench_{argv[0]}.py"
-    if not script.is_file():
-        raise SystemExit(f"no benchmark {argv[0]!r} in {BENCHMARKS} (benchmarks ship with the source checkout)")
-    sys.argv = [str(script), *argv[1:]]
-    sys.path.insert(0, str(BENCHMARKS))  # the scripts import their shared helpers (_common.py)
-    runpy.run_path(str(script), run_name="__main__")
+    if argv[0] not in BENCHMARKS:
+        raise UserError(f"no benchmark {argv[0]!r}: choose one of {', '.join(BENCHMARKS)}")
+    # The table and the verdicts are the command's output: plain lines on stdout.
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    importlib.import_module(f"{__package__}.bench.{argv[0]}").main(argv[1:])
     return 0
 
 
@@ -54,18 +53,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "bench":
-        return _bench(rest)
+        return _run(args, lambda: _bench(rest))
     module = importlib.import_module(COMMANDS[args.command][0])
     command_parser = argparse.ArgumentParser(prog=f"ivtlr {args.command}", description=COMMANDS[args.command][1])
     module.add_arguments(command_parser)
     # intermixed: `key=value` overrides may follow options (`ivtlr eval CONFIG --checkpoint DIR lr=1e-5`)
     command_args = command_parser.parse_intermixed_args(rest)
+    return _run(args, lambda: int(module.run(command_args) or 0))
+
+
+def _run(args: argparse.Namespace, command: Callable[[], int]) -> int:
+    """Run a command; a user error is one line that says what to fix (the traceback with -v or IVTLR_DEBUG=1)."""
     try:
-        return int(module.run(command_args) or 0)
+        return command()
     except UserError as error:
         if args.verbose or os.environ.get("IVTLR_DEBUG") == "1":
             raise
-        # A user error: one line that says what to fix (the traceback with -v or IVTLR_DEBUG=1).
         print(f"ivtlr {args.command}: error: {error}", file=sys.stderr)  # noqa: T201 - the command's error
         return 2
 
