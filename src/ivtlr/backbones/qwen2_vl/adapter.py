@@ -39,7 +39,9 @@ class QwenVLBackbone(Backbone):
             if features.shape[0] != n_tokens:
                 raise ValueError(f"the images give {features.shape[0]} visual tokens but input_ids hold {n_tokens} "
                                  "<|image_pad|> tokens: build inputs with the model's processor")
-            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features)
+            # index_put places rows in the mask's row-major order, as masked_scatter does; its backward is a gather,
+            # about 10x cheaper on CPU than masked_scatter's for these shapes.
+            embeds = embeds.index_put((image_mask,), features)
         return Embedded(embeds=embeds, image_mask=image_mask)
 
     @property
