@@ -1,10 +1,10 @@
-"""The training-step benchmark runs end to end at tiny sizes, and its memory measurement is exact."""
+"""The training-step and scaling benchmarks run end to end at tiny sizes, and the memory measurement is exact."""
 from __future__ import annotations
 
+from pathlib import Path
 
 import pytest
 import torch
-
 
 from ivtlr.bench import engine as bench_engine
 from ivtlr.bench.common import cpu_peak_bytes
@@ -44,3 +44,24 @@ def test_quick_run_measures_all_three_variants(run_quick_benchmark):
     assert [isinstance(t["passed"], bool) for t in written["targets"]] == [True] * 3
     assert written["machine"]["torch"] == torch.__version__
     assert written["machine"]["torch_threads"] == 1
+
+
+def test_scaling_benchmark_sweeps_every_axis_and_reports_ratios(run_quick_benchmark, tmp_path):
+    """``ivtlr bench scaling --quick``: every point of every axis measured (or skipped with a note), the ratios
+    computed from the same run's figures, the plot written."""
+    from ivtlr.bench import scaling
+
+    report = run_quick_benchmark(scaling)
+    points = report["results"]["points"]
+    quick = scaling.QUICK
+    training = [p for p in points if p["kind"] == "training"]
+    answering = [p for p in points if p["kind"] == "answering"]
+    per_family_training = len(quick.latent_steps) + len(quick.image_tokens) - 1
+    assert len(training) == per_family_training * len(quick.families)
+    assert len(answering) == len(quick.batches) * len(quick.families)
+    for point in training:
+        assert set(point["ms"]) == {"cached", "recompute", "plain"}
+        assert all(v is None or v > 0 for v in point["ms"].values())
+    names = [t["name"] for t in report["targets"]]
+    assert any("cached / plain" in n for n in names) and any("latency" in n for n in names)
+    assert Path(report["config"]["plot"]).stat().st_size > 0

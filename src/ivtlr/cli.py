@@ -19,7 +19,7 @@ COMMANDS = {
     "demo": ("ivtlr.demo.run", "train and score IVT-LR and its baselines on bundled digit images, on a CPU"),
 }
 #: ``ivtlr bench NAME`` runs ``ivtlr.bench.NAME.main(argv)``: prints a table, writes JSON.
-BENCHMARKS = ("engine", "inference")
+BENCHMARKS = ("engine", "inference", "scaling")
 
 
 def _bench(argv: list[str]) -> int:
