@@ -11,6 +11,7 @@ import pytest
 import torch
 from engine_inputs import SampleSpec, make_batch
 from schema_files import digit_image, write_m3cot_files
+from test_engine import _assert_grads_close, _step
 from test_eval import run_eval
 from test_infer import assert_outlines, printed_lines, unnormalise
 from train_runs import single_thread, train_in_process, write_config
@@ -216,41 +217,6 @@ def test_tiled_images_run_through_the_chain_but_are_not_drawn(bundle):
 
 
 # ---- engine behaviour specific to this family ----------------------------------------------------------------------
-def _step(engine: IVTLR, batch: dict, recompute: bool):
-    engine.recompute = recompute
-    engine.zero_grad()
-    out = engine(**batch)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in engine.named_parameters() if p.grad is not None}
-    engine.zero_grad()
-    return out, grads
-
-
-def _assert_grads_close(got: dict, want: dict, rel: float):
-    assert got.keys() == want.keys() and want
-    floor = 1e-5 * max(float(w.norm()) for w in want.values())  # exact-zero gradients are rounding noise
-    for name in want:
-        err = (got[name] - want[name]).norm() / want[name].norm().clamp(min=max(floor, 1e-12))
-        assert err < rel, (name, float(err))
-
-
-@pytest.mark.parametrize("latent_grad", ["detach", "full"])
-def test_gradient_checkpointing_gives_the_same_gradients(latent_grad):
-    bundle = build_tiny(FAMILY)
-    batch = make_batch(bundle, [SampleSpec(QUESTION, 3), SampleSpec("Count?", 1, image_size=(56, 56))])
-    engine = IVTLR(bundle.model, bundle.latent_token_id, num_selected_patches=4, latent_grad=latent_grad)
-    engine.train()
-    ref, ref_grads = _step(engine, batch, recompute=False)
-    bundle.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert engine._gradient_checkpointing_active()
-    out, grads = _step(engine, batch, recompute=False)
-    bundle.model.gradient_checkpointing_disable()
-    assert abs(out.loss.item() - ref.loss.item()) < 1e-5
-    assert [s.tolist() for s in out.selected[0]] == [s.tolist() for s in ref.selected[0]]
-    assert any(".vision_tower.encoder." in name for name in grads)  # the checkpointed tower is trained too
-    _assert_grads_close(grads, ref_grads, rel=1e-4)
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_internvl3_qwen2_decoder_cached_matches_recompute(bundle, attn):
     """InternVL3 checkpoints carry a Qwen2 decoder: the cached chain equals the recompute reference there too."""

@@ -23,6 +23,7 @@ from ivtlr.config import load_config
 from ivtlr.data import Example, build_generation_batch, load_examples
 from ivtlr.testing import build_tiny, build_tokenizer, make_test_image
 from schema_files import digit_image, write_m3cot_files
+from test_engine import _assert_grads_close, _step
 from test_eval import decode, run_eval
 from test_infer import assert_outlines, printed_lines, qwen_pixels
 from train_runs import REPO, metrics, single_thread, train_in_process, write_config
@@ -34,24 +35,6 @@ FAMILY = "qwen3_vl"
 @pytest.fixture(scope="module")
 def bundle():
     return build_tiny(FAMILY)
-
-
-def _step(engine: IVTLR, batch: dict, recompute: bool):
-    """Forward + backward; returns the output and every parameter's gradient."""
-    engine.recompute = recompute
-    engine.zero_grad()
-    out = engine(**batch)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in engine.named_parameters() if p.grad is not None}
-    engine.zero_grad()
-    return out, grads
-
-
-def _assert_grads_close(got: dict, want: dict, rel: float):
-    assert got.keys() == want.keys() and want
-    for name in want:
-        err = (got[name] - want[name]).norm() / want[name].norm().clamp(min=1e-12)
-        assert err < rel, (name, float(err))
 
 
 def _reference_deepstack(model, batch: dict) -> list[torch.Tensor]:
@@ -230,22 +213,6 @@ def test_copies_without_their_deepstack_would_be_caught(bundle):
             del backbone.decoder_visual_kwargs
     assert next(passes) > 1
     assert (broken.logits - ref.logits).abs().max() > 1e-3
-
-
-@pytest.mark.parametrize("latent_grad", ["detach", "full"])
-def test_gradient_checkpointing_gives_the_same_gradients(latent_grad):
-    bundle = build_tiny(FAMILY)
-    batch = make_batch(bundle, [SampleSpec(QUESTION, 3), SampleSpec("Count?", 1, image_size=(56, 56))])
-    engine = IVTLR(bundle.model, bundle.latent_token_id, num_selected_patches=4, latent_grad=latent_grad)
-    engine.train()
-    ref, ref_grads = _step(engine, batch, recompute=False)
-    bundle.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert engine._gradient_checkpointing_active()
-    out, grads = _step(engine, batch, recompute=False)
-    bundle.model.gradient_checkpointing_disable()
-    assert abs(out.loss.item() - ref.loss.item()) < 1e-5
-    assert [s.tolist() for s in out.selected[0]] == [s.tolist() for s in ref.selected[0]]
-    _assert_grads_close(grads, ref_grads, rel=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ positions

@@ -32,14 +32,18 @@ def _step(engine: IVTLR, batch: dict, recompute: bool):
 
 
 def _assert_grads_close(got: dict, want: dict, rel: float = 1e-3):
-    """Each gradient within ``rel`` of the reference, relative to at least 1e-5 of the largest one: a gradient that is
-    zero in exact arithmetic (a key bias without rotary positions, as in many vision towers, shifts all of a query's
-    scores alike) is rounding noise on both paths."""
+    """Each gradient within ``rel`` of the reference. A gradient below 1e-5 of the largest one is zero in exact
+    arithmetic (a key bias without rotary positions, as in many vision towers, shifts all of a query's scores alike):
+    there both sides must be rounding noise of that size."""
     assert got.keys() == want.keys() and want
     floor = 1e-5 * max(float(w.norm()) for w in want.values())
     for name in want:
-        err = (got[name] - want[name]).norm() / want[name].norm().clamp(min=max(floor, 1e-12))
-        assert err < rel, (name, float(err))
+        scale = float(want[name].norm())
+        if scale < floor:
+            assert float(got[name].norm()) < 10 * floor, name
+            continue
+        err = float((got[name] - want[name]).norm()) / scale
+        assert err < rel, (name, err)
 
 
 @pytest.mark.parametrize("latent_grad", ["detach", "full"])
@@ -125,10 +129,11 @@ def test_full_latent_grad_flows_through_fed_back_hidden_state():
     assert abs(grads["detach"] - numeric) > 5e-2 * abs(numeric)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("latent_grad", ["detach", "full"])
-def test_gradient_checkpointing_gives_the_same_gradients(latent_grad):
-    bundle = build_tiny("qwen2_vl")
-    batch = make_batch(bundle, [SampleSpec(QUESTION, 3), SampleSpec("Count?", 1, image_size=(56, 56))])
+def test_gradient_checkpointing_gives_the_same_gradients(family, latent_grad):
+    bundle = build_tiny(family)
+    batch = make_batch(bundle, [SampleSpec(QUESTION, 3), SampleSpec("Count?", 1, image_size=(84, 56))])
     engine = IVTLR(bundle.model, bundle.latent_token_id, num_selected_patches=4, latent_grad=latent_grad)
     engine.train()
     ref, ref_grads = _step(engine, batch, recompute=False)
