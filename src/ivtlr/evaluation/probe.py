@@ -21,7 +21,7 @@ from ..data import Example
 from ..interventions import LatentIntervention
 from ..scoring import ExtractionRule, wilson_interval
 from .loading import LoadedModel
-from .runner import Answer, _batches, model_inputs, prediction_record
+from .runner import Answer, batched, model_inputs, prediction_record
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def run_probe(model: LoadedModel, examples: Sequence[Example], conditions: Seque
     trained_latents: dict[str, torch.Tensor] = {}
     total = len(examples) * len(conditions)
     with tqdm(total=total, desc="probe", unit="answer", disable=not progress, dynamic_ncols=True) as bar:
-        for batch in _batches(examples, batch_size):
+        for batch in batched(examples, batch_size):
             for n_latent in sorted({c.n_latent for c in direct}, reverse=True):
                 group = [c for c in direct if c.n_latent == n_latent]
                 outs = _answer(model, batch, group, n_latent, max_new_tokens, image_size, seed)
@@ -158,7 +158,7 @@ def run_probe(model: LoadedModel, examples: Sequence[Example], conditions: Seque
                     bar.update(len(batch))
         if donor:
             position = {example.id: i for i, example in enumerate(examples)}
-            for batch in _batches(examples, batch_size):
+            for batch in batched(examples, batch_size):
                 partners = [examples[(position[e.id] + 1) % len(examples)] for e in batch]
                 donor_inputs = model_inputs(model, partners, 0, image_size)
                 image_rows = model.engine.image_token_embeddings(**donor_inputs)

@@ -120,7 +120,7 @@ def _answer_pending(model: LoadedModel, examples: Sequence[Example], predictions
     split_ids: set[str] = set()
     todo = max(len(examples) - len(done), 0)
     with tqdm(total=todo, desc="eval", unit="q", disable=not progress or todo == 0, dynamic_ncols=True) as bar:
-        for batch in _batches(_pending(examples, done, split_ids), batch_size):
+        for batch in batched(_pending(examples, done, split_ids), batch_size):
             start = time.perf_counter()
             answers, _ = generate_answers(model, batch, settings)
             if model.device.type == "cuda":
@@ -140,7 +140,8 @@ def _pending(examples: Iterable[Example], done: set[str], seen: set[str]) -> Ite
             yield example
 
 
-def _batches(examples: Iterable[Example], size: int) -> Iterator[list[Example]]:
+def batched(examples: Iterable[Example], size: int) -> Iterator[list[Example]]:
+    """Consecutive lists of ``size`` examples (the last one shorter), in order."""
     batch: list[Example] = []
     for example in examples:
         batch.append(example)
