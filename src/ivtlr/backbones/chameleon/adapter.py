@@ -18,9 +18,6 @@ class ChameleonBackbone(Backbone):
     def decoder(self) -> nn.Module:
         return self.model.model
 
-    def lm_head(self) -> nn.Module:
-        return self.model.lm_head
-
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head()(hidden)
         # As the transformers model does: image-code tokens can never be predicted as text.

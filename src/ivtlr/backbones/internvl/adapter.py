@@ -11,23 +11,12 @@ from collections.abc import Mapping
 
 import torch
 from PIL import Image
-from torch import nn
 
 from ..base import Backbone, Embedded
 
 
 class InternVLBackbone(Backbone):
     default_num_selected_patches = 32  # as for Qwen2-VL: the InternVL3.5 448-px tile has 256 image tokens
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.config.image_token_id)
-
-    def decoder(self) -> nn.Module:
-        return self.model.model.language_model
-
-    def lm_head(self) -> nn.Module:
-        return self.model.lm_head
 
     def embed(self, input_ids, vision) -> Embedded:
         embeds = self.input_embeddings()(input_ids)
@@ -39,11 +28,8 @@ class InternVLBackbone(Backbone):
                 raise ValueError("input_ids contain <IMG_CONTEXT> tokens but pixel_values is missing")
             # (tiles, tokens per tile, D): every tile's tokens in tile order, as the placeholders are laid out.
             features = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
-            features = features.reshape(-1, features.shape[-1]).to(embeds.device, embeds.dtype)
-            if features.shape[0] != n_tokens:
-                raise ValueError(f"the images give {features.shape[0]} visual tokens but input_ids hold {n_tokens} "
-                                 "<IMG_CONTEXT> tokens: build inputs with the model's processor")
-            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features)
+            embeds = self.place_image_features(embeds, image_mask, features.reshape(-1, features.shape[-1]),
+                                               "<IMG_CONTEXT>")
         return Embedded(embeds=embeds, image_mask=image_mask)
 
     def tile_grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:

@@ -12,7 +12,6 @@ from collections.abc import Mapping
 
 import torch
 from PIL import Image
-from torch import nn
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
 from ..base import Backbone, Embedded
@@ -28,16 +27,6 @@ class LlavaOnevisionBackbone(Backbone):
         (r"^(vision_tower|multi_modal_projector|image_newline)", r"model.\1"),
     )
 
-    @property
-    def image_token_id(self) -> int:
-        return int(self.config.image_token_id)
-
-    def decoder(self) -> nn.Module:
-        return self.model.model.language_model
-
-    def lm_head(self) -> nn.Module:
-        return self.model.lm_head
-
     def embed(self, input_ids, vision) -> Embedded:
         embeds = self.input_embeddings()(input_ids)
         placeholders = input_ids == self.image_token_id
@@ -50,11 +39,7 @@ class LlavaOnevisionBackbone(Backbone):
         batch_num_images = vision.get("batch_num_images")
         features = self.model.model.get_image_features(pixel_values, image_sizes, batch_num_images=batch_num_images,
                                                        return_dict=True).pooler_output
-        packed = torch.cat(list(features), dim=0).to(embeds.dtype)
-        if packed.shape[0] != n_tokens:
-            raise ValueError(f"the images give {packed.shape[0]} visual tokens but input_ids hold {n_tokens} <image> "
-                             "tokens: build inputs with the model's processor")
-        embeds = embeds.masked_scatter(placeholders.unsqueeze(-1), packed)
+        embeds = self.place_image_features(embeds, placeholders, torch.cat(list(features), dim=0), "<image>")
         patches = torch.cat(self._patch_rows(image_sizes, batch_num_images, [len(f) for f in features]))
         image_mask = placeholders.clone()
         image_mask[placeholders] = patches.to(input_ids.device)

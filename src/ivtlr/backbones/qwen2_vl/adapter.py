@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 from PIL import Image
-from torch import nn
 
 from ..base import Backbone, Embedded
 
@@ -16,16 +15,6 @@ class QwenVLBackbone(Backbone):
         (r"^model\.(?!visual\.|language_model\.)", "model.language_model."),
     )
 
-    @property
-    def image_token_id(self) -> int:
-        return int(self.config.image_token_id)
-
-    def decoder(self) -> nn.Module:
-        return self.model.model.language_model
-
-    def lm_head(self) -> nn.Module:
-        return self.model.lm_head
-
     def embed(self, input_ids, vision) -> Embedded:
         embeds = self.input_embeddings()(input_ids)
         image_mask = input_ids == self.image_token_id
@@ -35,13 +24,8 @@ class QwenVLBackbone(Backbone):
             if pixel_values is None or image_grid_thw is None:
                 raise ValueError("input_ids contain image tokens but pixel_values / image_grid_thw are missing")
             features = self.model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-            features = torch.cat(list(features.pooler_output), dim=0).to(embeds.dtype)
-            if features.shape[0] != n_tokens:
-                raise ValueError(f"the images give {features.shape[0]} visual tokens but input_ids hold {n_tokens} "
-                                 "<|image_pad|> tokens: build inputs with the model's processor")
-            # index_put places rows in the mask's row-major order, as masked_scatter does; its backward is a gather,
-            # about 10x cheaper on CPU than masked_scatter's for these shapes.
-            embeds = embeds.index_put((image_mask,), features)
+            features = torch.cat(list(features.pooler_output), dim=0)
+            embeds = self.place_image_features(embeds, image_mask, features, "<|image_pad|>")
         return Embedded(embeds=embeds, image_mask=image_mask)
 
     @property

@@ -43,13 +43,8 @@ class Qwen3VLBackbone(QwenVLBackbone):
         if pixel_values is None or image_grid_thw is None:
             raise ValueError("input_ids contain image tokens but pixel_values / image_grid_thw are missing")
         out = self.model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-        features = torch.cat(list(out.pooler_output), dim=0).to(embeds.dtype)
-        if features.shape[0] != n_tokens:
-            raise ValueError(f"the images give {features.shape[0]} visual tokens but input_ids hold {n_tokens} "
-                             "<|image_pad|> tokens: build inputs with the model's processor")
-        # index_put places rows in the mask's row-major order, as masked_scatter does, but its backward is a gather:
-        # masked_scatter's (a masked_select over the broadcast mask) costs ~10x more on CPU for these shapes.
-        embeds = embeds.index_put((image_mask,), features)
+        features = torch.cat(list(out.pooler_output), dim=0)
+        embeds = self.place_image_features(embeds, image_mask, features, "<|image_pad|>")
         # (N, n_deepstack, D): per image token, one feature per deepstack layer, in image-token order.
         deepstack = torch.stack([torch.cat(list(layer), dim=0) for layer in out.deepstack_features], dim=1)
         row_features = embeds.new_zeros(*input_ids.shape, *deepstack.shape[1:])
