@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from typing import Any
+
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
 #: Wide enough that a random model's attention is far from uniform (patch selection then means something).
@@ -22,6 +24,29 @@ class TinySizes:
     num_heads: int
     num_kv_heads: int
     intermediate_size: int
+
+
+def qwen_style_text_config(tokenizer: PreTrainedTokenizerFast, sizes: TinySizes, rope_parameters: dict,
+                           **extra: Any) -> dict:
+    """A tiny Qwen-style decoder config as a dict (the text part of most VLMs): ``sizes``, token ids that agree with
+    ``tokenizer`` (``<|endoftext|>`` doubles as BOS, as in Qwen checkpoints), and the family's ``rope_parameters``
+    and ``extra`` keys."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": sizes.hidden_size,
+        "intermediate_size": sizes.intermediate_size,
+        "num_hidden_layers": sizes.num_layers,
+        "num_attention_heads": sizes.num_heads,
+        "num_key_value_heads": sizes.num_kv_heads,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "initializer_range": INITIALIZER_RANGE,
+        "rope_parameters": rope_parameters,
+        "bos_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        **extra,
+    }
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
                           LlavaOnevisionImageProcessorPil, PreTrainedTokenizerFast)
 
-from ..tiny_spec import INITIALIZER_RANGE, TinySizes, TinySpec
+from ..tiny_spec import INITIALIZER_RANGE, TinySizes, TinySpec, qwen_style_text_config
 from .processor import ImageOnlyLlavaOnevisionProcessor
 
 # Order fixes the ids (0, 1, 2, ...).
@@ -47,22 +47,7 @@ def build_processor(tokenizer: PreTrainedTokenizerFast, image_size: int) -> Imag
 
 
 def text_config(tokenizer: PreTrainedTokenizerFast, sizes: TinySizes) -> dict:
-    return {
-        "model_type": "qwen2",
-        "vocab_size": len(tokenizer),
-        "hidden_size": sizes.hidden_size,
-        "intermediate_size": sizes.intermediate_size,
-        "num_hidden_layers": sizes.num_layers,
-        "num_attention_heads": sizes.num_heads,
-        "num_key_value_heads": sizes.num_kv_heads,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-6,
-        "initializer_range": INITIALIZER_RANGE,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
-        "bos_token_id": tokenizer.pad_token_id,  # as in Qwen2 checkpoints: <|endoftext|> doubles as BOS
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
+    return qwen_style_text_config(tokenizer, sizes, {"rope_type": "default", "rope_theta": 1e6}, model_type="qwen2")
 
 
 def build_config(tokenizer: PreTrainedTokenizerFast, sizes: TinySizes, image_size: int) -> LlavaOnevisionConfig:

@@ -6,7 +6,7 @@ from functools import partial
 from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
                           Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil)
 
-from ..tiny_spec import INITIALIZER_RANGE, TinySizes, TinySpec
+from ..tiny_spec import INITIALIZER_RANGE, TinySizes, TinySpec, qwen_style_text_config
 from .processor import ImageOnlyQwen2VLProcessor
 
 # Order fixes the ids (0, 1, 2, ...), matching the layout of the original-code fixtures.
@@ -50,21 +50,8 @@ def mrope_section(head_dim: int) -> list[int]:
 
 def text_config(tokenizer: PreTrainedTokenizerFast, sizes: TinySizes) -> dict:
     head_dim = sizes.hidden_size // sizes.num_heads
-    return {
-        "vocab_size": len(tokenizer),
-        "hidden_size": sizes.hidden_size,
-        "intermediate_size": sizes.intermediate_size,
-        "num_hidden_layers": sizes.num_layers,
-        "num_attention_heads": sizes.num_heads,
-        "num_key_value_heads": sizes.num_kv_heads,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-6,
-        "initializer_range": INITIALIZER_RANGE,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope_section(head_dim)},
-        "bos_token_id": tokenizer.pad_token_id,  # as in Qwen checkpoints: <|endoftext|> doubles as BOS
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
+    return qwen_style_text_config(tokenizer, sizes, {"rope_type": "default", "rope_theta": 1e6,
+                                                     "mrope_section": mrope_section(head_dim)})
 
 
 def build_config(model_type: str, tokenizer: PreTrainedTokenizerFast, sizes: TinySizes, image_size: int):

@@ -5,7 +5,7 @@ from transformers import (PreTrainedTokenizerFast, Qwen2VLImageProcessorPil, Qwe
                           Qwen3VLForConditionalGeneration)
 
 from ..qwen2_vl.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, TOKEN_ROLES
-from ..tiny_spec import INITIALIZER_RANGE, TinySizes, TinySpec
+from ..tiny_spec import INITIALIZER_RANGE, TinySizes, TinySpec, qwen_style_text_config
 from .processor import ImageOnlyQwen3VLProcessor
 
 PATCH_SIZE = 16
@@ -40,23 +40,9 @@ def mrope_section(head_dim: int) -> list[int]:
 
 def text_config(tokenizer: PreTrainedTokenizerFast, sizes: TinySizes) -> dict:
     head_dim = sizes.hidden_size // sizes.num_heads
-    return {
-        "vocab_size": len(tokenizer),
-        "hidden_size": sizes.hidden_size,
-        "intermediate_size": sizes.intermediate_size,
-        "num_hidden_layers": sizes.num_layers,
-        "num_attention_heads": sizes.num_heads,
-        "num_key_value_heads": sizes.num_kv_heads,
-        "head_dim": head_dim,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-6,
-        "initializer_range": INITIALIZER_RANGE,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": mrope_section(head_dim),
-                            "mrope_interleaved": True},
-        "bos_token_id": tokenizer.pad_token_id,  # as in Qwen checkpoints: <|endoftext|> doubles as BOS
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
+    rope = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": mrope_section(head_dim),
+            "mrope_interleaved": True}
+    return qwen_style_text_config(tokenizer, sizes, rope, head_dim=head_dim)
 
 
 def build_config(tokenizer: PreTrainedTokenizerFast, sizes: TinySizes, image_size: int) -> Qwen3VLConfig:
