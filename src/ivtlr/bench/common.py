@@ -287,3 +287,28 @@ def bench_setup(args: argparse.Namespace, full: ConfigT, quick: ConfigT
     family = getattr(args, "family", "qwen2_vl")
     config = dataclasses.replace(config, image_size=family_image_size(family, config.image_size))
     return device, dtype, config, build_bench_model(config, dtype, device, family)
+
+
+#: Ordinary text the benchmarks fill questions, answers and stand-in rows with.
+FILLER = ("Look at the image and think about each step before you give the final answer. Count the objects in "
+          "each row, compare the two numbers and read the options carefully. ")
+
+
+def filler_ids(bundle: TinyBundle, n: int) -> list[int]:
+    """``n`` token ids of :data:`FILLER`, repeated as needed."""
+    ids: list[int] = []
+    while len(ids) < n:
+        ids += bundle.tokenizer(FILLER, add_special_tokens=False)["input_ids"]
+    return ids[:n]
+
+
+def chat_prompts(bundle: TinyBundle, question_tokens: int, image_side: int, batch: int) -> dict[str, torch.Tensor]:
+    """``batch`` chat prompts of equal length (a ``question_tokens``-token question), each with its own square
+    picture: the processor's outputs, on the CPU (no padding anywhere)."""
+    from ivtlr.testing import make_test_image
+
+    question = bundle.tokenizer.decode(filler_ids(bundle, question_tokens))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = bundle.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    images = [make_test_image((image_side, image_side), seed=b) for b in range(batch)]
+    return dict(bundle.processor(text=[text] * batch, images=images, return_tensors="pt"))

@@ -23,19 +23,15 @@ from pathlib import Path
 
 import torch
 
-from .common import (Measurement, Target, bench_setup, benchmark_parser, format_table, load_average, machine_info,
-                     measure_all, report)
+from .common import (Measurement, Target, bench_setup, benchmark_parser, chat_prompts, filler_ids, format_table,
+                     load_average, machine_info, measure_all, report)
 from ivtlr import IVTLR
-from ivtlr.testing import FAMILIES, TinyBundle, make_test_image
+from ivtlr.testing import FAMILIES, TinyBundle
 
 logger = logging.getLogger("bench_engine")
 
 VARIANTS = ("cached", "recompute", "plain")
 DEFAULT_OUT = Path("benchmarks") / "results" / "engine.json"  # relative to where it runs
-FILLER = ("Look at the image and think about each step before you give the final answer. Count the objects in "
-          "each row, compare the two numbers and read the options carefully. ")
-
-
 @dataclass(frozen=True)
 class BenchConfig:
     """Model and batch shape. The default: Qwen2-VL architecture, a 280x280 image (100 merged image tokens),
@@ -73,26 +69,14 @@ class Batches:
     image_tokens: int
 
 
-def _filler_ids(bundle: TinyBundle, n: int) -> list[int]:
-    ids: list[int] = []
-    while len(ids) < n:
-        ids += bundle.tokenizer(FILLER, add_special_tokens=False)["input_ids"]
-    return ids[:n]
-
-
 def build_batches(bundle: TinyBundle, config: BenchConfig, dtype: torch.dtype, device: torch.device) -> Batches:
     """Identical-length samples (one image each, different pictures), so every variant sees one dense batch."""
-    question = bundle.tokenizer.decode(_filler_ids(bundle, config.question_tokens))
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    text = bundle.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    size = (config.image_size, config.image_size)
-    images = [make_test_image(size, seed=b) for b in range(config.batch_size)]
-    enc = bundle.processor(text=[text] * config.batch_size, images=images, return_tensors="pt")
+    enc = chat_prompts(bundle, config.question_tokens, config.image_size, config.batch_size)
     prompt = enc["input_ids"]
     batch, prompt_length = prompt.shape
-    answer = torch.tensor(_filler_ids(bundle, config.answer_tokens - 1) + [bundle.eos_token_id]).expand(batch, -1)
+    answer = torch.tensor(filler_ids(bundle, config.answer_tokens - 1) + [bundle.eos_token_id]).expand(batch, -1)
     latents = torch.full((batch, config.num_latents), bundle.latent_token_id)
-    filler = torch.tensor(_filler_ids(bundle, config.inserted_rows + config.num_latents)).expand(batch, -1)
+    filler = torch.tensor(filler_ids(bundle, config.inserted_rows + config.num_latents)).expand(batch, -1)
 
     def sample(middle: torch.Tensor) -> dict[str, torch.Tensor]:
         ids = torch.cat([prompt, middle, answer], dim=1)

@@ -25,17 +25,14 @@ from pathlib import Path
 
 import torch
 
-from .common import Target, bench_setup, benchmark_parser, format_table, machine_info, report, time_interleaved
+from .common import (Target, bench_setup, benchmark_parser, chat_prompts, format_table, machine_info, report,
+                     time_interleaved)
 from ivtlr import IVTLR
-from ivtlr.testing import TinyBundle, make_test_image
+from ivtlr.testing import TinyBundle
 
 logger = logging.getLogger("bench_inference")
 
 DEFAULT_OUT = Path("benchmarks") / "results" / "inference.json"  # relative to where it runs
-FILLER = ("Look at the image and think about each step before you give the final answer. Count the objects in "
-          "each row, compare the two numbers and read the options carefully. ")
-
-
 @dataclass(frozen=True)
 class BenchConfig:
     """The engine benchmark's model (Qwen2-VL architecture, a 280x280 image -> 100 merged image tokens, K=32,
@@ -70,14 +67,7 @@ class Variant:
 
 def prompt_batch(bundle: TinyBundle, config: BenchConfig, batch_size: int, device: torch.device) -> dict:
     """``batch_size`` chat prompts of equal length, each with its own picture (no padding anywhere)."""
-    ids: list[int] = []
-    while len(ids) < config.question_tokens:
-        ids += bundle.tokenizer(FILLER, add_special_tokens=False)["input_ids"]
-    question = bundle.tokenizer.decode(ids[: config.question_tokens])
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    text = bundle.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    images = [make_test_image((config.image_size, config.image_size), seed=b) for b in range(batch_size)]
-    encoded = bundle.processor(text=[text] * batch_size, images=images, return_tensors="pt")
+    encoded = chat_prompts(bundle, config.question_tokens, config.image_size, batch_size)
     return {key: value.to(device) for key, value in encoded.items()}
 
 

@@ -31,14 +31,12 @@ from ivtlr.backbones import tiny_spec
 from ivtlr.data.collate import TOKEN_TYPE_KEYS
 from ivtlr.testing import FAMILIES, TinyBundle, build_tiny, make_test_image
 
-from .common import (Target, benchmark_parser, format_table, machine_info, peak_bytes, report, synchronize,
-                     time_interleaved)
+from .common import (Target, benchmark_parser, chat_prompts, filler_ids, format_table, machine_info, peak_bytes,
+                     report, synchronize, time_interleaved)
 
 logger = logging.getLogger("bench_scaling")
 
 DEFAULT_OUT = Path("benchmarks") / "results" / "scaling.json"  # relative to where it runs
-FILLER = ("Look at the image and think about each step before you give the final answer. Count the objects in "
-          "each row, compare the two numbers and read the options carefully. ")
 TRAINING_VARIANTS = ("cached", "recompute", "plain")
 ANSWERING_VARIANTS = ("ivtlr", "nocot")
 
@@ -116,22 +114,11 @@ def model_for(family: str, config: ScalingConfig, image_tokens: int, px_per_side
     return (bundle, side) if _image_tokens(bundle, side) == image_tokens else None
 
 
-def _filler_ids(bundle: TinyBundle, n: int) -> list[int]:
-    ids: list[int] = []
-    while len(ids) < n:
-        ids += bundle.tokenizer(FILLER, add_special_tokens=False)["input_ids"]
-    return ids[:n]
-
-
 def _prompts(bundle: TinyBundle, side: int, config: ScalingConfig, batch: int) -> tuple[dict, dict]:
     """Equal-length chat prompts, one picture each: (processor outputs, vision inputs without ids and masks)."""
-    question = bundle.tokenizer.decode(_filler_ids(bundle, config.question_tokens))
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    text = bundle.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    images = [make_test_image((side, side), seed=b) for b in range(batch)]
-    encoded = bundle.processor(text=[text] * batch, images=images, return_tensors="pt")
+    encoded = chat_prompts(bundle, config.question_tokens, side, batch)
     vision = {k: v for k, v in encoded.items() if k not in ("input_ids", "attention_mask", *TOKEN_TYPE_KEYS)}
-    return dict(encoded), vision
+    return encoded, vision
 
 
 def training_steps(bundle: TinyBundle, side: int, config: ScalingConfig, latents: int
@@ -141,9 +128,9 @@ def training_steps(bundle: TinyBundle, side: int, config: ScalingConfig, latents
     encoded, vision = _prompts(bundle, side, config, config.train_batch)
     prompt = encoded["input_ids"]
     batch, prompt_length = prompt.shape
-    answer = torch.tensor(_filler_ids(bundle, config.train_answer_tokens - 1) + [bundle.eos_token_id]).expand(batch, -1)
+    answer = torch.tensor(filler_ids(bundle, config.train_answer_tokens - 1) + [bundle.eos_token_id]).expand(batch, -1)
     middle_latent = torch.full((batch, latents), bundle.latent_token_id)
-    middle_plain = torch.tensor(_filler_ids(bundle, latents * (config.num_selected_patches + 1))).expand(batch, -1)
+    middle_plain = torch.tensor(filler_ids(bundle, latents * (config.num_selected_patches + 1))).expand(batch, -1)
 
     def sample(middle: torch.Tensor) -> dict[str, torch.Tensor]:
         ids = torch.cat([prompt, middle, answer], dim=1)
