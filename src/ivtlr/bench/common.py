@@ -25,6 +25,7 @@ import transformers
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
+from ivtlr.files import write_text_atomically
 from ivtlr.machine import cpu_model_name
 
 if TYPE_CHECKING:
@@ -218,8 +219,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 
 def write_json(path: str | Path, payload: dict) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    write_text_atomically(path, json.dumps(payload, indent=2) + "\n")
     logger.info("wrote %s", path)
     return path
 
