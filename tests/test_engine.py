@@ -247,3 +247,15 @@ def test_ablations_latent_text_only_and_latent_vision_only():
         assert torch.equal(vision_only.inputs_embeds[0, pos], latent_row)
         assert not torch.equal(full.inputs_embeds[0, pos], latent_row)
     assert [len(s) for s in vision_only.selected[0]] == [4, 4]
+
+
+def test_the_recompute_reference_leaves_the_models_attention_as_it_was(bundle):
+    """The reference switches the model to eager attention for its maps, then restores every implementation,
+    the text decoder's row-capturing one included (the user's model is not left changed)."""
+    engine = IVTLR(bundle.model, bundle.latent_token_id, num_selected_patches=2)
+    reference = IVTLR(bundle.model, bundle.latent_token_id, num_selected_patches=2, recompute=True)
+    before = (bundle.model.config._attn_implementation, engine.backbone.attn_implementation)
+    assert before[1].startswith("ivtlr_rows_")
+    with torch.no_grad():
+        reference(**make_batch(bundle, [SampleSpec(QUESTION, 2)]))
+    assert (bundle.model.config._attn_implementation, engine.backbone.attn_implementation) == before

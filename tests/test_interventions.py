@@ -226,7 +226,7 @@ def test_answer_attention_matches_an_eager_full_pass(engine, bundle):
                        image_grid_thw=prompt["image_grid_thw"])
     n = int(final.attention_mask[0].sum())
     positions = torch.arange(n).view(1, 1, n).expand(engine.backbone.position_rows, 1, n)
-    with torch.no_grad(), eager_attention(engine.backbone.model):
+    with torch.no_grad(), eager_attention(engine.backbone):
         maps = engine.backbone.run_decoder(final.inputs_embeds[:, :n], torch.ones(1, n, dtype=torch.long), positions,
                                            None, output_attentions=True).attentions
     mean_map = torch.stack([a[0].float() for a in maps]).mean(dim=(0, 1))  # (n, n) over layers and heads

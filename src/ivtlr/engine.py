@@ -199,8 +199,8 @@ class IVTLR(nn.Module):
     # ------------------------------------------------------------------------------------------ internals
     def _select_row_kernel(self) -> None:
         """Make the text decoder run its attention kernel through ivtlr's row-capturing function (the same kernel:
-        outputs are unchanged). Checked before each chain, as the model's implementation may have been switched
-        since (e.g. to eager and back by the recompute reference)."""
+        outputs are unchanged). Checked before each chain, as the user may have switched the model's implementation
+        since (``set_attn_implementation``)."""
         implementation = self.backbone.attn_implementation
         if not implementation.startswith(ROW_KERNEL_PREFIX):
             self.backbone.set_text_attention(register_row_kernel(implementation))

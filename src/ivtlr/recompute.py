@@ -18,15 +18,18 @@ from .chain import IGNORE_INDEX, SampleState, pack_segments
 from .loss import shifted_cross_entropy
 
 if TYPE_CHECKING:
+    from .backbones import Backbone
     from .engine import IVTLR
     from .outputs import IVTLROutput
 
 
 @contextmanager
-def eager_attention(model) -> Iterator[None]:
-    """Temporarily switch the model to eager attention (the only kind that returns attention maps)."""
-    previous = model.config._attn_implementation
-    if previous == "eager":
+def eager_attention(backbone: "Backbone") -> Iterator[None]:
+    """Temporarily switch the model to eager attention (the only kind that returns attention maps), then restore
+    the implementations it had, the text decoder's own included (it may be ivtlr's row-capturing one)."""
+    model = backbone.model
+    previous, previous_text = model.config._attn_implementation, backbone.attn_implementation
+    if previous == previous_text == "eager":
         yield
         return
     model.set_attn_implementation("eager")
@@ -34,6 +37,7 @@ def eager_attention(model) -> Iterator[None]:
         yield
     finally:
         model.set_attn_implementation(previous)
+        backbone.set_text_attention(previous_text)
 
 
 def _full_pass(engine: "IVTLR", states: list[SampleState], output_attentions: bool):
@@ -57,7 +61,7 @@ def recompute_forward(engine: "IVTLR", input_ids, attention_mask, labels, vision
     selected: list[list[torch.Tensor]] = [[] for _ in layouts]
     n_max = max(lay.n_latent for lay in layouts)
     earlier_passes: list[list[torch.Tensor]] = [[] for _ in layouts]  # each sample's hidden rows of every pass
-    with eager_attention(engine.backbone.model):
+    with eager_attention(engine.backbone):
         for step in range(1, n_max + 1):
             active = [b for b, lay in enumerate(layouts) if lay.n_latent >= step]
             out, lengths = _full_pass(engine, [states[b] for b in active], output_attentions=True)
