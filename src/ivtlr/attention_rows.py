@@ -14,6 +14,7 @@ import weakref
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
@@ -84,6 +85,41 @@ def base_kernel_name(implementation: str) -> str:
     return implementation.removeprefix(ROW_KERNEL_PREFIX)
 
 
+def grouped_query_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                       **kwargs) -> tuple[torch.Tensor, None] | None:
+    """sdpa over the key/value heads as they are (``enable_gqa``) for a masked call on the CPU; None where it does not
+    apply, and transformers' own sdpa function runs instead.
+
+    transformers expands the key/value heads to the query heads (``repeat_kv``) whenever a mask is given, because
+    CUDA's masked kernels lack grouped queries. The chain's every pass is masked (cached columns, padding), so the
+    expanded copies would be saved for the backward pass of every chunk: about 15 % of a training step's memory at
+    the benchmark's default point. The CPU's flash kernel takes a mask and grouped queries together, so on the CPU the
+    copies are not needed (same outputs and gradients)."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    if (query.device.type != "cpu" or attention_mask is None or groups <= 1 or kwargs.get("softcap") is not None
+            or kwargs.get("position_bias") is not None or kwargs.get("output_attentions")):
+        return None
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                         scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def additive_mask_on_cpu(mask_function: Callable) -> Callable:
+    """``mask_function`` (transformers' sdpa mask), with a boolean mask on the CPU turned into the additive one
+    (0 where attended, -inf elsewhere) that the CPU kernel would otherwise build from it in every layer, keeping one
+    copy per layer for the backward pass; built once here, every layer shares it. Same values as the kernel's own
+    conversion."""
+
+    def additive_mask(*args, dtype: torch.dtype = torch.float32, **kwargs):
+        mask = mask_function(*args, dtype=dtype, **kwargs)
+        if mask is None or mask.dtype != torch.bool or mask.device.type != "cpu":
+            return mask
+        return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
+
+    return additive_mask
+
+
 def register_row_kernel(base: str) -> str:
     """Register, once, the attention function ``ivtlr_rows_<base>``: ``base``'s kernel (sdpa, eager, flash, ...) and
     mask, plus the row capture of :class:`AttentionRowRecorder`. Returns its name.
@@ -98,7 +134,9 @@ def register_row_kernel(base: str) -> str:
     kernel = None if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
 
     def kernel_with_rows(module, query, key, value, attention_mask, **kwargs):
-        out = (kernel or _model_eager_attention(module))(module, query, key, value, attention_mask, **kwargs)
+        out = grouped_query_sdpa(module, query, key, value, attention_mask, **kwargs) if base == "sdpa" else None
+        if out is None:
+            out = (kernel or _model_eager_attention(module))(module, query, key, value, attention_mask, **kwargs)
         for reference in getattr(module, _RECORDERS_ATTRIBUTE, ()):
             recorder = reference()
             if recorder is not None and recorder.observes(module):
@@ -106,7 +144,8 @@ def register_row_kernel(base: str) -> str:
         return out
 
     AttentionInterface.register(name, kernel_with_rows)
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    mask_function = ALL_MASK_ATTENTION_FUNCTIONS[base]
+    AttentionMaskInterface.register(name, additive_mask_on_cpu(mask_function) if base == "sdpa" else mask_function)
     return name
 
 
