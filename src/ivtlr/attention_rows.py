@@ -28,16 +28,21 @@ class AttentionRowRecorder:
         self.n_layers = len(attention_modules)
         self.query_cols: torch.Tensor | None = None  # (B,) column of the query within the current input chunk
         self.key_mask: torch.Tensor | None = None  # (B, Lk) True at real keys of the whole (cached + new) sequence
+        self._batch: torch.Tensor | None = None  # (B,) sample index, for picking each sample's query column
+        self._key_bias: torch.Tensor | None = None  # (B, 1, 1, Lk) 0 at real keys, -inf elsewhere
         self._sum: torch.Tensor | None = None
         self._count = 0
 
     def arm(self, query_cols: torch.Tensor, key_mask: torch.Tensor) -> None:
-        """Prepare for one forward pass."""
+        """Prepare for one forward pass: what every layer's capture shares is built once here."""
         self.query_cols, self.key_mask = query_cols, key_mask.bool()
+        self._batch = torch.arange(len(query_cols), device=query_cols.device)
+        self._key_bias = torch.zeros(self.key_mask.shape, dtype=torch.float32, device=key_mask.device) \
+            .masked_fill_(~self.key_mask, float("-inf"))[:, None, None, :]
         self._sum, self._count = None, 0
 
     def disarm(self) -> None:
-        self.query_cols = self.key_mask = None
+        self.query_cols = self.key_mask = self._batch = self._key_bias = None
 
     @property
     def armed(self) -> bool:
@@ -49,16 +54,13 @@ class AttentionRowRecorder:
     @torch.no_grad()
     def record(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         """query (B, H, Lq, d), key (B, Hkv, Lk, d) as handed to the attention kernel."""
-        batch = torch.arange(query.shape[0], device=query.device)
-        q = query[batch, :, self.query_cols.to(query.device)].float()  # (B, H, d)
+        q = query[self._batch, :, self.query_cols].float()  # (B, H, d)
         k = key.float()
         groups = q.shape[1] // k.shape[1]
         q = q.view(q.shape[0], k.shape[1], groups, q.shape[-1])  # (B, Hkv, G, d)
-        scores = torch.einsum("bhgd,bhkd->bhgk", q, k) * scaling
-        mask = self.key_mask.to(scores.device)[:, None, None, :]
-        probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        row = probs.mean(dim=(1, 2))  # (B, Lk): mean over all heads
-        self._sum = row if self._sum is None else self._sum + row
+        scores = torch.einsum("bhgd,bhkd->bhgk", q, k).mul_(scaling).add_(self._key_bias)
+        row = scores.softmax(dim=-1).mean(dim=(1, 2))  # (B, Lk): mean over all heads
+        self._sum = row if self._sum is None else self._sum.add_(row)
         self._count += 1
 
     def rows(self) -> torch.Tensor:

@@ -8,9 +8,11 @@ interest (the position just before the next latent slot) is the last real row of
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 
 from .attention_rows import AttentionRowRecorder
@@ -132,27 +134,33 @@ class PackedChunk:
 
 def pack_segments(parts: list[list[Segment]], hidden_size: int, position_rows: int, dtype: torch.dtype,
                   device: torch.device) -> PackedChunk:
-    """Concatenate each sample's segments and right-pad them to one chunk."""
+    """Concatenate each sample's segments and right-pad them to one chunk (``pad_sequence``: one call per field,
+    not one copy per sample, as this runs at every pass)."""
     widths = [sum(seg.length for seg in p) for p in parts]
     width = max(widths)
-    batch = len(parts)
-    embeds = torch.zeros(batch, width, hidden_size, dtype=dtype, device=device)
-    positions = torch.zeros(position_rows, batch, width, dtype=torch.long, device=device)
-    mask = torch.zeros(batch, width, dtype=torch.long, device=device)
+
+    def rows(field: Callable[[Segment], torch.Tensor], empty: torch.Tensor) -> list[torch.Tensor]:
+        """Each sample's rows of one field, joined (``empty`` for a sample without segments this pass)."""
+        return [torch.cat([field(seg) for seg in p]) if len(p) > 1 else field(p[0]) if p else empty for p in parts]
+
+    def padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+        out = pad_sequence(tensors, batch_first=True)
+        return out if out.shape[1] == width else torch.nn.functional.pad(out, (0, 0) * (out.dim() - 2) +
+                                                                          (0, width - out.shape[1]))
+
+    embeds = padded([e.to(dtype) for e in rows(lambda seg: seg.embeds,
+                                               torch.zeros(0, hidden_size, dtype=dtype, device=device))])
+    positions = padded(rows(lambda seg: seg.positions.T,
+                            torch.zeros(0, position_rows, dtype=torch.long, device=device))).permute(2, 0, 1)
+    mask = (torch.arange(width, device=device) < torch.tensor(widths, device=device)[:, None]).long()
     template = next((seg.features for p in parts for seg in p if seg.features is not None), None)
-    features = None if template is None else \
-        torch.zeros(batch, width, *template.shape[1:], dtype=template.dtype, device=device)
-    visual = torch.zeros(batch, width, dtype=torch.bool, device=device)
-    for b, p in enumerate(parts):
-        start = 0
-        for seg in p:
-            rows = slice(start, start + seg.length)
-            embeds[b, rows] = seg.embeds.to(dtype)
-            positions[:, b, rows] = seg.positions
-            if seg.features is not None:
-                features[b, rows] = seg.features
-            if seg.visual is not None:
-                visual[b, rows] = seg.visual
-            start += seg.length
-        mask[b, :start] = 1
-    return PackedChunk(widths, embeds, positions, mask, features, visual if bool(visual.any()) else None)
+    features = None
+    if template is not None:
+        filled = [[seg.features if seg.features is not None else
+                   template.new_zeros(seg.length, *template.shape[1:]) for seg in p] for p in parts]
+        features = padded([torch.cat(f) if f else template.new_zeros(0, *template.shape[1:]) for f in filled])
+    flags = [[seg.visual if seg.visual is not None else torch.zeros(seg.length, dtype=torch.bool, device=device)
+              for seg in p] for p in parts]
+    visual = padded([torch.cat(f) if f else torch.zeros(0, dtype=torch.bool, device=device) for f in flags])
+    return PackedChunk(widths, embeds, positions.contiguous(), mask, features,
+                       visual if bool(visual.any()) else None)

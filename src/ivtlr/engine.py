@@ -189,7 +189,7 @@ class IVTLR(nn.Module):
                                **vision_inputs: torch.Tensor | None) -> list[torch.Tensor]:
         """Per sample, (N, D): the image-token embeddings the latent vision inserts rows from (donor images)."""
         layouts = self.builder.layouts(input_ids, attention_mask, None, _vision(vision_inputs))
-        return [lay.embeds[lay.image_index] for lay in layouts]
+        return [lay.image_embeds for lay in layouts]
 
     def image_grid(self, vision_inputs: Mapping[str, torch.Tensor | None], sample: int) -> tuple[int, int]:
         """(rows, cols) of a sample's image-token grid, what ``selected`` indices are laid out on, from the batch's

@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from .backbones import Backbone
 from .chain import IGNORE_INDEX, SampleState, Segment
@@ -35,11 +37,21 @@ class Layout:
     n_latent: int
     features: torch.Tensor | None = None  # (S, *F) per-row visual features the decoder adds (deepstack), or None
 
-    def visual_rows(self, rows: slice) -> torch.Tensor:
-        """(l,) bool: which of ``rows`` are image tokens."""
+    @cached_property
+    def image_embeds(self) -> torch.Tensor:
+        """(N, D) the image-token rows, in image-token order: what every latent step inserts its patches from."""
+        return self.embeds[self.image_index]
+
+    @cached_property
+    def visual_flags(self) -> torch.Tensor:
+        """(S,) bool: which rows are image tokens."""
         flags = torch.zeros(len(self.ids), dtype=torch.bool, device=self.ids.device)
         flags[self.image_index] = True
-        return flags[rows]
+        return flags
+
+    def visual_rows(self, rows: slice) -> torch.Tensor:
+        """(l,) bool: which of ``rows`` are image tokens."""
+        return self.visual_flags[rows]
 
 
 class SegmentBuilder:
@@ -61,7 +73,7 @@ class SegmentBuilder:
         embedded = self.backbone.embed(input_ids, vision)
         layouts = []
         for b in range(input_ids.shape[0]):
-            real = attention_mask[b].bool()
+            real = _real_rows(attention_mask[b])
             ids = input_ids[b, real]
             lab = labels[b, real] if labels is not None else torch.full_like(ids, IGNORE_INDEX)
             latent_at = (ids == self.latent_token_id).nonzero().flatten().tolist()
@@ -116,7 +128,7 @@ class SegmentBuilder:
         if lay.features is not None and intervention.vision == "donor":
             raise ValueError("a donor image's rows would lack their own per-row visual features: the donor-image "
                              "condition is not available for this family")
-        parts = [intervention.patch_rows(sample, chosen, lay.embeds[lay.image_index]),
+        parts = [intervention.patch_rows(sample, chosen, lay.image_embeds),
                  fill.unsqueeze(0).to(lay.embeds.dtype)]
         labels = [torch.full((len(chosen),), IGNORE_INDEX, device=device), lay.labels[latent_slot:latent_slot + 1]]
         visual = [torch.ones(len(chosen), dtype=torch.bool, device=device),
@@ -141,15 +153,10 @@ class SegmentBuilder:
         hidden = [torch.cat([seg.hidden for seg in st.segments]) for st in states]
         embeds = [torch.cat([seg.embeds for seg in st.segments]) for st in states]
         labels = [torch.cat([seg.labels for seg in st.segments]) for st in states]
-        width = max(h.shape[0] for h in hidden)
-        batch, device = len(states), hidden[0].device
-        pad_h = torch.zeros(batch, width, hidden[0].shape[-1], dtype=hidden[0].dtype, device=device)
-        pad_e = torch.zeros(batch, width, embeds[0].shape[-1], dtype=embeds[0].dtype, device=device)
-        pad_l = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long, device=device)
-        mask = torch.zeros(batch, width, dtype=torch.long, device=device)
-        for b in range(batch):
-            n = hidden[b].shape[0]
-            pad_h[b, :n], pad_e[b, :n], pad_l[b, :n], mask[b, :n] = hidden[b], embeds[b], labels[b], 1
+        lengths = torch.tensor([h.shape[0] for h in hidden], device=hidden[0].device)
+        pad_h, pad_e = pad_sequence(hidden, batch_first=True), pad_sequence(embeds, batch_first=True)
+        pad_l = pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX)
+        mask = (torch.arange(pad_h.shape[1], device=lengths.device) < lengths[:, None]).long()
         logits = self.backbone.logits(pad_h)
         loss = loss_per_sample = None
         if with_labels:
@@ -157,6 +164,15 @@ class SegmentBuilder:
         return IVTLROutput(loss=loss, logits=logits, selected=selected, attention_mask=mask,
                            labels=pad_l if with_labels else None, loss_per_sample=loss_per_sample,
                            inputs_embeds=pad_e, latent_positions=[latent_rows(st) for st in states])
+
+
+def _real_rows(mask: torch.Tensor) -> slice | torch.Tensor:
+    """The sample's real positions: a slice when they are one run (left or right padding: a view, no copy and no
+    gather in the backward pass), else the boolean mask."""
+    real = mask.bool()
+    count = int(real.sum())
+    start = int(real.to(torch.int8).argmax()) if count else 0
+    return slice(start, start + count) if bool(real[start:start + count].all()) else real
 
 
 def _rows(features: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
