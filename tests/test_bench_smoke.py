@@ -58,7 +58,18 @@ def test_scaling_benchmark_sweeps_every_axis_and_reports_ratios(run_quick_benchm
     answering = [p for p in points if p["kind"] == "answering"]
     per_family_training = len(quick.latent_steps) + len(quick.image_tokens) - 1
     assert len(training) == per_family_training * len(quick.families)
-    assert len(answering) == len(quick.batches) * len(quick.families)
+    per_family_answering = len(quick.batches) + (len(quick.image_tokens) - 1) * len(quick.answering_image_batches)
+    assert len(answering) == per_family_answering * len(quick.families)
+    for point in answering:
+        assert set(point["ms"]) == {"ivtlr", "nocot"}
+        # the floors recounted from the configuration: one pass per latent step and per answer token; K + 1 rows
+        # per step on top of a prompt of at least the question's tokens plus the image's
+        passes = point["floors"]["passes"]
+        assert passes == (quick.default_latents + quick.answer_tokens) / quick.answer_tokens
+        inserted = quick.default_latents * (quick.num_selected_patches + 1)
+        most = (quick.question_tokens + point["image_tokens"] + quick.answer_tokens - 1 + inserted) / (
+            quick.question_tokens + point["image_tokens"] + quick.answer_tokens - 1)
+        assert 1 < point["floors"]["rows"] <= most
     for point in training:
         assert set(point["ms"]) == {"cached", "recompute", "plain"}
         assert all(v is None or v > 0 for v in point["ms"].values())

@@ -7,8 +7,12 @@ Axes (the others at the default point, 100 image tokens and 3 latent steps):
   ``cached`` (ivtlr), ``recompute`` (the original's algorithm: the prefix re-run at every step with eager attention
   maps, backward through every pass) and ``plain`` (the model's own forward + backward over a latent-free sequence of
   the cached path's final length: the floor);
-- batch {1, 4, 16}: answering with ``answer_tokens`` tokens, ``ivtlr`` (latent chain + decoding on its cache) against
-  ``nocot`` (the model's own batched ``generate`` on the prompt alone, the same answer length).
+- batch {1, 4, 16}, and image tokens at the smallest and largest batch: answering with ``answer_tokens`` tokens,
+  ``ivtlr`` (latent chain + decoding on its cache) against ``nocot`` (the model's own batched ``generate`` on the
+  prompt alone, the same answer length). Each answering point also records the method's arithmetic floors against
+  No-CoT: the rows the decoder must run (the steps' K + 1 inserted rows on top of the prompt) and the decoder passes
+  (one per latent step on top of one per answer token), the ratio a perfect implementation reaches when rows (large
+  batches) or per-pass costs (batch 1, small models) dominate.
 
 Each family's image is sized to give exactly the requested number of image tokens. A variant whose calls would take
 more than ``--max-seconds`` at a point is skipped there, with a note (the estimate is one timed call). Writes JSON and
@@ -62,6 +66,11 @@ class ScalingConfig:
     batches: tuple[int, ...] = (1, 4, 16)
     families: tuple[str, ...] = ("qwen2_vl", "chameleon", "qwen3_vl")
 
+    @property
+    def answering_image_batches(self) -> tuple[int, ...]:
+        """Batches the answering image-token axis is measured at: the smallest and the largest."""
+        return tuple(sorted({min(self.batches), max(self.batches)}))
+
 
 QUICK = ScalingConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
                       num_selected_patches=4, question_tokens=8, train_answer_tokens=8, answer_tokens=4,
@@ -82,6 +91,7 @@ class Point:
     ms: dict[str, float | None] = field(default_factory=dict)
     peak_mib: dict[str, float | None] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    floors: dict[str, float] = field(default_factory=dict)  # answering: the method's arithmetic floors vs No-CoT
 
     def ratio(self, numerator: str, denominator: str, of: str = "ms") -> float | None:
         values = getattr(self, "ms" if of == "ms" else "peak_mib")
@@ -150,10 +160,23 @@ def training_steps(bundle: TinyBundle, side: int, config: ScalingConfig, latents
             "plain": lambda: bundle.model(**plain_batch).loss.backward()}
 
 
-def answering_calls(bundle: TinyBundle, side: int, config: ScalingConfig, batch: int
+def answering_floors(prompt_rows: int, config: ScalingConfig) -> dict[str, float]:
+    """ivtlr ÷ No-CoT for a perfect implementation of each: ``rows``, the decoder rows per question (the prompt, each
+    step's K patches and latent, the answer tokens fed back); ``passes``, the sequential decoder calls (prompt, one per
+    latent step, one per answer token after the first)."""
+    steps, answer = config.default_latents, config.answer_tokens
+    nocot_rows = prompt_rows + answer - 1
+    return {"rows": (nocot_rows + steps * (config.num_selected_patches + 1)) / nocot_rows,
+            "passes": (steps + answer) / answer}
+
+
+def answering_calls(bundle: TinyBundle, side: int, config: ScalingConfig, batch: int, point: Point | None = None
                     ) -> dict[str, Callable[[], object]]:
-    """Answer ``batch`` questions with exactly ``answer_tokens`` tokens each: ivtlr against No-CoT ``generate``."""
+    """Answer ``batch`` questions with exactly ``answer_tokens`` tokens each: ivtlr against No-CoT ``generate``
+    (``point``, if given, receives the method's floors for this prompt)."""
     encoded, vision = _prompts(bundle, side, config, batch)
+    if point is not None:
+        point.floors = answering_floors(encoded["input_ids"].shape[1], config)
     latents = torch.full((batch, config.default_latents), bundle.latent_token_id)
     ids = torch.cat([encoded["input_ids"], latents], dim=1)
     engine = IVTLR(bundle.model, bundle.latent_token_id, num_selected_patches=config.num_selected_patches,
@@ -215,14 +238,15 @@ def sweep(config: ScalingConfig, args: argparse.Namespace, device: torch.device)
                         device=device)
                 points.append(point)
                 logger.info("%s training %s: %s", family, _setting(point), _short(point))
-            if tokens == config.default_image_tokens:
-                bundle.model.eval()
-                for batch in config.batches:
-                    point = Point(family, "answering", "batch", tokens, config.default_latents, batch)
-                    measure(answering_calls(bundle, side, config, batch), point, warmup=args.warmup,
-                            repeats=args.repeats, max_seconds=args.max_seconds, prepare=lambda: None, device=device)
-                    points.append(point)
-                    logger.info("%s answering %s: %s", family, _setting(point), _short(point))
+            bundle.model.eval()
+            on_batch_axis = tokens == config.default_image_tokens
+            for batch in config.batches if on_batch_axis else config.answering_image_batches:
+                point = Point(family, "answering", "batch" if on_batch_axis else "image_tokens", tokens,
+                              config.default_latents, batch)
+                measure(answering_calls(bundle, side, config, batch, point), point, warmup=args.warmup,
+                        repeats=args.repeats, max_seconds=args.max_seconds, prepare=lambda: None, device=device)
+                points.append(point)
+                logger.info("%s answering %s: %s", family, _setting(point), _short(point))
     return points
 
 
@@ -244,12 +268,13 @@ def results_table(points: Sequence[Point]) -> str:
         if p.kind == "training":
             rows.append([p.family, p.kind, p.image_tokens, p.latent_steps, p.batch, _fmt(p.ms.get("cached")),
                          _fmt(p.ratio("cached", "plain")), _fmt(p.ratio("recompute", "plain")),
-                         _fmt(p.ratio("recompute", "cached")), _fmt(p.ratio("cached", "plain", of="mem"))])
+                         _fmt(p.ratio("recompute", "cached")), _fmt(p.ratio("cached", "plain", of="mem")), "-", "-"])
         else:
             rows.append([p.family, p.kind, p.image_tokens, p.latent_steps, p.batch, _fmt(p.ms.get("ivtlr")),
-                         _fmt(p.ratio("ivtlr", "nocot")), "-", "-", "-"])
-    return format_table(["family", "kind", "img tok", "latents", "batch", "ours ms", "ours/floor", "orig/floor",
-                         "orig/ours", "mem ours/floor"], rows)
+                         _fmt(p.ratio("ivtlr", "nocot")), "-", "-", "-", _fmt(p.floors.get("rows")),
+                         _fmt(p.floors.get("passes"))])
+    return format_table(["family", "kind", "img tok", "latents", "batch", "ours ms", "ours/base", "orig/base",
+                         "orig/ours", "mem ours/base", "rows/base", "passes/base"], rows)
 
 
 def targets(points: Sequence[Point], config: ScalingConfig) -> list[Target]:
@@ -257,7 +282,7 @@ def targets(points: Sequence[Point], config: ScalingConfig) -> list[Target]:
     training = [p for p in points if p.kind == "training" and p.ratio("cached", "plain") is not None]
     default = [p for p in training if (p.image_tokens, p.latent_steps) ==
                (config.default_image_tokens, config.default_latents)]
-    answering = {(p.family, p.batch): p for p in points if p.kind == "answering" and p.ratio("ivtlr", "nocot")}
+    answering = [p for p in points if p.kind == "answering" and p.ratio("ivtlr", "nocot")]
     found = []
     if training:
         found.append(Target("training step cached / plain, worst point",
@@ -266,46 +291,60 @@ def targets(points: Sequence[Point], config: ScalingConfig) -> list[Target]:
         found.append(Target("cached peak memory / plain at the default point, worst family",
                             max(p.ratio("cached", "plain", of="mem") for p in default), 1.1, at_most=True))
     big, one = max(config.batches), min(config.batches)
-    widest = [p for (_, b), p in answering.items() if b == big]
-    single = [p for (_, b), p in answering.items() if b == one]
-    if widest:
-        found.append(Target(f"answering at batch {big}: ivtlr questions/s / No-CoT, worst family",
-                            min(1 / p.ratio("ivtlr", "nocot") for p in widest), 0.8, at_most=False))
-    if single:
-        found.append(Target(f"answering at batch {one}: ivtlr latency / No-CoT, worst family",
-                            max(p.ratio("ivtlr", "nocot") for p in single), 1.25, at_most=True))
+    for tokens in (config.default_image_tokens, max(config.image_tokens)):
+        at = "" if tokens == config.default_image_tokens else f", {tokens} image tokens"
+        widest = [p for p in answering if (p.batch, p.image_tokens) == (big, tokens)]
+        single = [p for p in answering if (p.batch, p.image_tokens) == (one, tokens)]
+        if widest:
+            found.append(Target(f"answering at batch {big}{at}: ivtlr questions/s / No-CoT, worst family",
+                                min(1 / p.ratio("ivtlr", "nocot") for p in widest), 0.8, at_most=False))
+        if single:
+            found.append(Target(f"answering at batch {one}{at}: ivtlr latency / No-CoT, worst family",
+                                max(p.ratio("ivtlr", "nocot") for p in single), 1.25, at_most=True))
     return found
 
 
 def plot(points: Sequence[Point], path: Path) -> None:
-    """Ratio curves against each axis: ours/plain (solid) and original/plain (dashed) per family for training,
-    ivtlr/No-CoT time per batch for answering."""
+    """Ratio curves against each axis: ours/plain (solid) and original/plain (dashed) per family for training;
+    ivtlr/No-CoT time per batch, and per image-token count at the smallest (dashed) and largest (solid) batch, for
+    answering, with the method's row floor (dotted)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    panels = (("image_tokens", "image tokens", "training"), ("latent_steps", "latent steps", "training"),
-              ("batch", "batch (answering)", "answering"))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    panels = (("image_tokens", "image tokens (training)", "training"),
+              ("latent_steps", "latent steps (training)", "training"),
+              ("batch", "batch (answering)", "answering"), ("image_tokens", "image tokens (answering)", "answering"))
     families = sorted({p.family for p in points})
     colours = dict(zip(families, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    answering = [p for p in points if p.kind == "answering"]
+    image_batches = sorted({p.batch for p in answering if p.axis == "image_tokens"})
     for ax, (axis, label, kind) in zip(axes, panels):
         for family in families:
-            members = [p for p in points if p.family == family and p.kind == kind and
-                       (p.axis == axis or (kind == "training" and _on_default(p, points, axis)))]
-            members.sort(key=lambda p: getattr(p, axis if axis != "batch" else "batch"))
-            xs = [getattr(p, axis) for p in members]
             if kind == "training":
+                members = sorted((p for p in points if p.family == family and p.kind == kind and
+                                  (p.axis == axis or _on_default(p, points, axis))), key=lambda p: getattr(p, axis))
+                xs = [getattr(p, axis) for p in members]
                 for numerator, style in (("cached", "-"), ("recompute", "--")):
                     ys = [p.ratio(numerator, "plain") for p in members]
                     ax.plot([x for x, y in zip(xs, ys) if y], [y for y in ys if y], style, marker="o",
                             color=colours[family],
                             label=f"{family} {'ours' if numerator == 'cached' else 'original'}")
-            else:
+                continue
+            curves = [(None, "-")] if axis == "batch" else \
+                [(b, "-" if b == max(image_batches) else "--") for b in image_batches]
+            for batch, style in curves:
+                members = sorted((p for p in answering if p.family == family and (
+                    p.axis == "batch" if batch is None else p.batch == batch)), key=lambda p: getattr(p, axis))
+                xs = [getattr(p, axis) for p in members]
                 ys = [p.ratio("ivtlr", "nocot") for p in members]
-                ax.plot([x for x, y in zip(xs, ys) if y], [y for y in ys if y], "-", marker="o",
-                        color=colours[family], label=family)
+                ax.plot([x for x, y in zip(xs, ys) if y], [y for y in ys if y], style, marker="o",
+                        color=colours[family], label=family if batch is None else f"{family}, batch {batch}")
+                if family == families[0]:
+                    ax.plot(xs, [p.floors.get("rows") for p in members], ":", color="black", linewidth=1,
+                            label="row floor" if batch in (None, image_batches[0]) else None)
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel(label)
