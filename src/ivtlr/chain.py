@@ -85,8 +85,11 @@ class ChainRunner:
             cols = torch.tensor([max(w - 1, 0) for w in widths], device=self.device)
             self.recorder.arm(cols, full_mask)
         try:
+            # Without padding anywhere the causal pattern is all a mask would say: the model's own mask-free path
+            # (no mask to build, and sdpa's causal or unmasked kernels) computes the same numbers.
+            decoder_mask = None if bool(full_mask.all()) else full_mask
             with torch.set_grad_enabled(grad):
-                out = self.backbone.run_decoder(embeds, full_mask, positions, self.cache,
+                out = self.backbone.run_decoder(embeds, decoder_mask, positions, self.cache,
                                                 row_features=packed.features, visual=packed.visual)
             rows_out = self.recorder.rows() if query else None
         finally:

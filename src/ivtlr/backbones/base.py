@@ -119,10 +119,11 @@ class Backbone(ABC):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head()(hidden)
 
-    def run_decoder(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+    def run_decoder(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
                     cache: DynamicCache | None, output_attentions: bool = False,
                     row_features: torch.Tensor | None = None, visual: torch.Tensor | None = None):
-        """One decoder call; ``position_ids`` is (R, B, L) as produced by :meth:`prompt_positions`.
+        """One decoder call; ``position_ids`` is (R, B, L) as produced by :meth:`prompt_positions`;
+        ``attention_mask`` (B, cached + L), or None when every key is real (the causal pattern alone).
 
         ``row_features`` (B, L, *F) and ``visual`` (B, L) are the per-row visual features of :class:`Embedded` and
         which rows are image tokens, for families whose decoder adds visual features inside its layers."""
