@@ -13,7 +13,8 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def run_quick_benchmark(tmp_path):
     """Runs a benchmark script's ``main`` at ``--quick`` sizes on one CPU thread (on a shared 2-core machine, threads
     waiting for each other make tiny steps slow) and returns the JSON it wrote, checked equal to what ``main``
-    returned. Restores torch's thread count afterwards, since ``--threads`` sets it process-wide."""
+    returned, and that the run flushed denormals as it records. Restores torch's thread count and denormal handling
+    afterwards, since the benchmarks set both process-wide."""
     threads = torch.get_num_threads()
 
     def run(module) -> dict:
@@ -21,7 +22,9 @@ def run_quick_benchmark(tmp_path):
         returned = module.main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(out)])
         written = json.loads(out.read_text())
         assert written == json.loads(json.dumps(returned))
+        assert written["machine"]["flush_denormal"] is True
         return written
 
     yield run
     torch.set_num_threads(threads)
+    torch.set_flush_denormal(False)

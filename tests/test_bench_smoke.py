@@ -71,8 +71,27 @@ def test_scaling_benchmark_sweeps_every_axis_and_reports_ratios(run_quick_benchm
             quick.question_tokens + point["image_tokens"] + quick.answer_tokens - 1)
         assert 1 < point["floors"]["rows"] <= most
     for point in training:
-        assert set(point["ms"]) == {"cached", "recompute", "plain"}
+        assert set(point["ms"]) == {"cached", "chain", "recompute", "plain"}
+        assert set(point["paired"]) >= {"cached/plain", "chain/plain", "cached/chain"}
         assert all(v is None or v > 0 for v in point["ms"].values())
     names = [t["name"] for t in report["targets"]]
     assert any("cached / plain" in n for n in names) and any("latency" in n for n in names)
     assert Path(report["config"]["plot"]).stat().st_size > 0
+
+
+def test_the_chain_floor_computes_the_plain_steps_loss_in_passes():
+    """The scaling benchmark's chain floor does the plain step's work, only split into the chain's passes: with 1-D
+    positions (Chameleon) its loss is the model's own loss of the plain sequence, and its passes cover that sequence."""
+    from ivtlr import IVTLR
+    from ivtlr.bench import scaling
+
+    config = scaling.QUICK
+    bundle, side = scaling.model_for("chameleon", config, 16, scaling.pixels_per_token_side("chameleon"))
+    batches = scaling.training_batches(bundle, side, config, latents=2)
+    assert sum(batches.widths) == batches.plain["input_ids"].shape[1] == batches.latent["input_ids"].shape[1] + 2 * (
+        config.num_selected_patches + 1) - 2
+    engine = IVTLR(bundle.model, bundle.latent_token_id, num_selected_patches=config.num_selected_patches)
+    with torch.no_grad():
+        floor = scaling.chain_floor_loss(engine, batches.plain, batches.widths, batches.vision)
+        own = bundle.model(**batches.plain).loss
+    torch.testing.assert_close(floor, own, atol=1e-5, rtol=1e-5)

@@ -5,8 +5,10 @@ Axes (the others at the default point, 100 image tokens and 3 latent steps):
 
 - image tokens {100, 256, 1024} and latent steps {1, 3, 6, 8}: one training step (forward + backward, batch 4) of
   ``cached`` (ivtlr), ``recompute`` (the original's algorithm: the prefix re-run at every step with eager attention
-  maps, backward through every pass) and ``plain`` (the model's own forward + backward over a latent-free sequence of
-  the cached path's final length: the floor);
+  maps, backward through every pass), ``plain`` (the model's own forward + backward over a latent-free sequence of
+  the cached path's final length: the floor) and ``chain`` (the same sequence through the model's own decoder in
+  the chain's passes on one cache, nothing of ivtlr's around them: what the passes themselves cost, so that
+  ``cached / chain`` is ivtlr's own overhead);
 - batch {1, 4, 16}, and image tokens at the smallest and largest batch: answering with ``answer_tokens`` tokens,
   ``ivtlr`` (latent chain + decoding on its cache) against ``nocot`` (the model's own batched ``generate`` on the
   prompt alone, the same answer length). Each answering point also records the method's arithmetic floors against
@@ -23,25 +25,32 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
 from ivtlr import IVTLR
 from ivtlr.backbones import tiny_spec
 from ivtlr.data.collate import TOKEN_TYPE_KEYS
+from ivtlr.loss import shifted_cross_entropy
 from ivtlr.testing import FAMILIES, TinyBundle, build_tiny, make_test_image
 
-from .common import (Target, benchmark_parser, chat_prompts, filler_ids, format_table, machine_info, peak_bytes,
-                     report, synchronize, time_interleaved)
+from .common import (Target, apply_cpu_settings, benchmark_parser, chat_prompts, filler_ids, format_table,
+                     machine_info, peak_bytes, report, synchronize, time_interleaved)
 
 logger = logging.getLogger("bench_scaling")
 
 DEFAULT_OUT = Path("benchmarks") / "results" / "scaling.json"  # relative to where it runs
-TRAINING_VARIANTS = ("cached", "recompute", "plain")
+TRAINING_VARIANTS = ("cached", "chain", "recompute", "plain")
+#: Ratios taken round by round (each round times every variant once, back to back), then their median: drift of the
+#: machine's speed between rounds cancels out of each ratio.
+PAIRED_RATIOS = (("cached", "plain"), ("chain", "plain"), ("recompute", "plain"), ("cached", "chain"),
+                 ("recompute", "cached"), ("ivtlr", "nocot"))
 ANSWERING_VARIANTS = ("ivtlr", "nocot")
 
 
@@ -92,8 +101,12 @@ class Point:
     peak_mib: dict[str, float | None] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     floors: dict[str, float] = field(default_factory=dict)  # answering: the method's arithmetic floors vs No-CoT
+    paired: dict[str, float] = field(default_factory=dict)  # "a/b": median over rounds of a's time / b's time
 
     def ratio(self, numerator: str, denominator: str, of: str = "ms") -> float | None:
+        """Time (the paired median, see :data:`PAIRED_RATIOS`) or peak memory of one variant over another's."""
+        if of == "ms" and f"{numerator}/{denominator}" in self.paired:
+            return self.paired[f"{numerator}/{denominator}"]
         values = getattr(self, "ms" if of == "ms" else "peak_mib")
         top, bottom = values.get(numerator), values.get(denominator)
         return top / bottom if top is not None and bottom else None
@@ -131,10 +144,18 @@ def _prompts(bundle: TinyBundle, side: int, config: ScalingConfig, batch: int) -
     return encoded, vision
 
 
-def training_steps(bundle: TinyBundle, side: int, config: ScalingConfig, latents: int
-                   ) -> dict[str, Callable[[], object]]:
-    """One forward + backward per variant over the same samples (plain: a latent-free sequence as long as the final
-    IVT-LR one)."""
+@dataclass
+class TrainingBatches:
+    """The same samples as the latent chain takes them and as a plain latent-free sequence of the final length."""
+
+    latent: dict[str, torch.Tensor]
+    plain: dict[str, torch.Tensor]
+    vision: dict[str, torch.Tensor]
+    widths: list[int]  # rows of each chain pass: the prompt, then K + 1 per step (the answer with the last)
+
+
+def training_batches(bundle: TinyBundle, side: int, config: ScalingConfig, latents: int) -> TrainingBatches:
+    """Batch-4 chat samples with a picture, ``latents`` latent slots and a labelled answer, both ways."""
     encoded, vision = _prompts(bundle, side, config, config.train_batch)
     prompt = encoded["input_ids"]
     batch, prompt_length = prompt.shape
@@ -152,12 +173,46 @@ def training_steps(bundle: TinyBundle, side: int, config: ScalingConfig, latents
         if key in encoded:
             extra = plain_batch["input_ids"].shape[1] - prompt_length
             plain_batch[key] = torch.cat([encoded[key], torch.zeros(batch, extra, dtype=encoded[key].dtype)], dim=1)
+    widths = [prompt_length] + [config.num_selected_patches + 1] * latents
+    widths[-1] += answer.shape[1]
+    return TrainingBatches(latent_batch, plain_batch, vision, widths)
+
+
+def training_steps(bundle: TinyBundle, side: int, config: ScalingConfig, latents: int
+                   ) -> dict[str, Callable[[], object]]:
+    """One forward + backward per variant over the same samples (plain and chain: a latent-free sequence as long as
+    the final IVT-LR one)."""
+    batches = training_batches(bundle, side, config, latents)
     options = {"num_selected_patches": config.num_selected_patches, "pad_token_id": bundle.pad_token_id}
     cached = IVTLR(bundle.model, bundle.latent_token_id, **options)
     recompute = IVTLR(bundle.model, bundle.latent_token_id, recompute=True, **options)
-    return {"cached": lambda: cached(**latent_batch).loss.backward(),
-            "recompute": lambda: recompute(**latent_batch).loss.backward(),
-            "plain": lambda: bundle.model(**plain_batch).loss.backward()}
+    return {"cached": lambda: cached(**batches.latent).loss.backward(),
+            "chain": lambda: chain_floor_loss(cached, batches.plain, batches.widths, batches.vision).backward(),
+            "recompute": lambda: recompute(**batches.latent).loss.backward(),
+            "plain": lambda: bundle.model(**batches.plain).loss.backward()}
+
+
+def chain_floor_loss(engine: IVTLR, plain_batch: dict[str, torch.Tensor], widths: list[int],
+                     vision: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss of the plain sequence computed as the latent chain must: the model's own embedding (vision tower
+    included) and decoder, called once per chain pass over that pass's rows (the prompt, then each step's K + 1 rows,
+    the answer with the last) on one key/value cache, with nothing of ivtlr's around the calls (no attention rows, no
+    patch selection, no per-sample bookkeeping). What any cached implementation of the method pays: the floor of
+    ``cached`` once the passes themselves are counted."""
+    backbone = engine.backbone
+    embedded = backbone.embed(plain_batch["input_ids"], vision)
+    batch = embedded.embeds.shape[0]
+    cache = DynamicCache(config=backbone.decoder().config)
+    hidden, start = [], 0
+    for width in widths:
+        rows = slice(start, start + width)
+        positions = torch.arange(start, start + width).expand(backbone.position_rows, batch, -1)
+        features = embedded.row_features[:, rows] if embedded.row_features is not None else None
+        visual = embedded.image_mask[:, rows] if features is not None else None
+        hidden.append(backbone.run_decoder(embedded.embeds[:, rows], None, positions, cache, row_features=features,
+                                           visual=visual).last_hidden_state)
+        start += width
+    return shifted_cross_entropy(backbone.logits(torch.cat(hidden, dim=1)), plain_batch["labels"])[0]
 
 
 def answering_floors(prompt_rows: int, config: ScalingConfig) -> dict[str, float]:
@@ -214,8 +269,12 @@ def measure(calls: dict[str, Callable[[], object]], point: Point, *, warmup: int
     times = time_interleaved(kept, device, warmup, repeats, prepare)
     for name, call in kept.items():
         prepare()
-        point.ms[name] = 1e3 * sorted(times[name])[len(times[name]) // 2]
+        point.ms[name] = 1e3 * statistics.median(times[name])
         point.peak_mib[name] = peak_bytes(call, device) / 2**20
+    for numerator, denominator in PAIRED_RATIOS:
+        if numerator in kept and denominator in kept:
+            point.paired[f"{numerator}/{denominator}"] = statistics.median(
+                a / b for a, b in zip(times[numerator], times[denominator]))
 
 
 def sweep(config: ScalingConfig, args: argparse.Namespace, device: torch.device) -> list[Point]:
@@ -267,14 +326,15 @@ def results_table(points: Sequence[Point]) -> str:
     for p in points:
         if p.kind == "training":
             rows.append([p.family, p.kind, p.image_tokens, p.latent_steps, p.batch, _fmt(p.ms.get("cached")),
-                         _fmt(p.ratio("cached", "plain")), _fmt(p.ratio("recompute", "plain")),
+                         _fmt(p.ratio("cached", "plain")), _fmt(p.ratio("chain", "plain")),
+                         _fmt(p.ratio("cached", "chain")), _fmt(p.ratio("recompute", "plain")),
                          _fmt(p.ratio("recompute", "cached")), _fmt(p.ratio("cached", "plain", of="mem")), "-", "-"])
         else:
             rows.append([p.family, p.kind, p.image_tokens, p.latent_steps, p.batch, _fmt(p.ms.get("ivtlr")),
-                         _fmt(p.ratio("ivtlr", "nocot")), "-", "-", "-", _fmt(p.floors.get("rows")),
+                         _fmt(p.ratio("ivtlr", "nocot")), "-", "-", "-", "-", "-", _fmt(p.floors.get("rows")),
                          _fmt(p.floors.get("passes"))])
-    return format_table(["family", "kind", "img tok", "latents", "batch", "ours ms", "ours/base", "orig/base",
-                         "orig/ours", "mem ours/base", "rows/base", "passes/base"], rows)
+    return format_table(["family", "kind", "img tok", "latents", "batch", "ours ms", "ours/base", "chain/base",
+                         "ours/chain", "orig/base", "orig/ours", "mem ours/base", "rows/base", "passes/base"], rows)
 
 
 def targets(points: Sequence[Point], config: ScalingConfig) -> list[Target]:
@@ -305,7 +365,8 @@ def targets(points: Sequence[Point], config: ScalingConfig) -> list[Target]:
 
 
 def plot(points: Sequence[Point], path: Path) -> None:
-    """Ratio curves against each axis: ours/plain (solid) and original/plain (dashed) per family for training;
+    """Ratio curves against each axis: ours/plain (solid), the chain floor/plain (dotted) and original/plain (dashed)
+    per family for training;
     ivtlr/No-CoT time per batch, and per image-token count at the smallest (dashed) and largest (solid) batch, for
     answering, with the method's row floor (dotted)."""
     import matplotlib
@@ -327,11 +388,12 @@ def plot(points: Sequence[Point], path: Path) -> None:
                 members = sorted((p for p in points if p.family == family and p.kind == kind and
                                   (p.axis == axis or _on_default(p, points, axis))), key=lambda p: getattr(p, axis))
                 xs = [getattr(p, axis) for p in members]
-                for numerator, style in (("cached", "-"), ("recompute", "--")):
+                for numerator, style, name in (("cached", "-", "ours"), ("chain", ":", "chain floor"),
+                                               ("recompute", "--", "original")):
                     ys = [p.ratio(numerator, "plain") for p in members]
                     ax.plot([x for x, y in zip(xs, ys) if y], [y for y in ys if y], style, marker="o",
-                            color=colours[family],
-                            label=f"{family} {'ours' if numerator == 'cached' else 'original'}")
+                            markersize=3 if numerator == "chain" else 5, color=colours[family],
+                            label=f"{family} {name}")
                 continue
             curves = [(None, "-")] if axis == "batch" else \
                 [(b, "-" if b == max(image_batches) else "--") for b in image_batches]
@@ -378,8 +440,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_cpu_settings(args)
     config = QUICK if args.quick else ScalingConfig()
     if args.families:
         config = replace(config, families=tuple(args.families))
