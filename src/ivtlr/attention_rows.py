@@ -58,7 +58,8 @@ class AttentionRowRecorder:
         k = key.float()
         groups = q.shape[1] // k.shape[1]
         q = q.view(q.shape[0], k.shape[1], groups, q.shape[-1])  # (B, Hkv, G, d)
-        scores = torch.einsum("bhgd,bhkd->bhgk", q, k).mul_(scaling).add_(self._key_bias)
+        # scaled after the product, as the eager kernels do, so that the ranking matches their attention maps
+        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scaling).add_(self._key_bias)  # (B, Hkv, G, Lk)
         row = scores.softmax(dim=-1).mean(dim=(1, 2))  # (B, Lk): mean over all heads
         self._sum = row if self._sum is None else self._sum.add_(row)
         self._count += 1

@@ -132,38 +132,47 @@ class PackedChunk:
     positions: torch.Tensor  # (R, B, W)
     mask: torch.Tensor  # (B, W) 1 at real rows
     features: torch.Tensor | None  # (B, W, *F) per-row visual features, zeros elsewhere; None if no row has any
-    visual: torch.Tensor | None  # (B, W) bool image-token rows; None if there are none
+    visual: torch.Tensor | None  # (B, W) bool image-token rows; None if there are none or no row has features
 
 
 def pack_segments(parts: list[list[Segment]], hidden_size: int, position_rows: int, dtype: torch.dtype,
                   device: torch.device) -> PackedChunk:
-    """Concatenate each sample's segments and right-pad them to one chunk (``pad_sequence``: one call per field,
-    not one copy per sample, as this runs at every pass)."""
+    """Concatenate each sample's segments and right-pad them to one chunk. This runs at every pass, so it is a few
+    tensor calls per field (``stack`` when every sample brings rows of one width, else ``pad_sequence``), not one copy
+    per sample. Per-row visual features and flags are packed only where some row carries features (the decoder reads
+    the flags only with them)."""
     widths = [sum(seg.length for seg in p) for p in parts]
     width = max(widths)
+    even = all(w == width for w in widths)
 
-    def rows(field: Callable[[Segment], torch.Tensor], empty: torch.Tensor) -> list[torch.Tensor]:
-        """Each sample's rows of one field, joined (``empty`` for a sample without segments this pass)."""
-        return [torch.cat([field(seg) for seg in p]) if len(p) > 1 else field(p[0]) if p else empty for p in parts]
+    def rows(field: Callable[[Segment], torch.Tensor | None], empty: torch.Tensor) -> list[torch.Tensor]:
+        """Each sample's rows of one field, joined (zeros where a segment has none; ``empty`` for a sample without
+        segments this pass)."""
+        joined = []
+        for p in parts:
+            pieces = [field(seg) for seg in p]
+            pieces = [x if x is not None else empty.new_zeros(seg.length, *empty.shape[1:])
+                      for x, seg in zip(pieces, p)]
+            joined.append(torch.cat(pieces) if len(pieces) > 1 else pieces[0] if pieces else empty)
+        return joined
 
     def padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+        if even:
+            return torch.stack(tensors)
         out = pad_sequence(tensors, batch_first=True)
         return out if out.shape[1] == width else torch.nn.functional.pad(out, (0, 0) * (out.dim() - 2) +
                                                                           (0, width - out.shape[1]))
 
-    embeds = padded([e.to(dtype) for e in rows(lambda seg: seg.embeds,
-                                               torch.zeros(0, hidden_size, dtype=dtype, device=device))])
+    embeds = padded(rows(lambda seg: seg.embeds, torch.zeros(0, hidden_size, dtype=dtype, device=device)))
+    embeds = embeds.to(dtype)
     positions = padded(rows(lambda seg: seg.positions.T,
                             torch.zeros(0, position_rows, dtype=torch.long, device=device))).permute(2, 0, 1)
-    mask = (torch.arange(width, device=device) < torch.tensor(widths, device=device)[:, None]).long()
+    mask = torch.ones(len(parts), width, dtype=torch.long, device=device) if even else \
+        (torch.arange(width, device=device) < torch.tensor(widths, device=device)[:, None]).long()
     template = next((seg.features for p in parts for seg in p if seg.features is not None), None)
-    features = None
+    features = visual = None
     if template is not None:
-        filled = [[seg.features if seg.features is not None else
-                   template.new_zeros(seg.length, *template.shape[1:]) for seg in p] for p in parts]
-        features = padded([torch.cat(f) if f else template.new_zeros(0, *template.shape[1:]) for f in filled])
-    flags = [[seg.visual if seg.visual is not None else torch.zeros(seg.length, dtype=torch.bool, device=device)
-              for seg in p] for p in parts]
-    visual = padded([torch.cat(f) if f else torch.zeros(0, dtype=torch.bool, device=device) for f in flags])
-    return PackedChunk(widths, embeds, positions.contiguous(), mask, features,
-                       visual if bool(visual.any()) else None)
+        features = padded(rows(lambda seg: seg.features, template.new_zeros(0, *template.shape[1:])))
+        visual = padded(rows(lambda seg: seg.visual, torch.zeros(0, dtype=torch.bool, device=device)))
+        visual = visual if bool(visual.any()) else None
+    return PackedChunk(widths, embeds, positions.contiguous(), mask, features, visual)
