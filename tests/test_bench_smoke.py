@@ -79,19 +79,21 @@ def test_scaling_benchmark_sweeps_every_axis_and_reports_ratios(run_quick_benchm
     assert Path(report["config"]["plot"]).stat().st_size > 0
 
 
-def test_the_chain_floor_computes_the_plain_steps_loss_in_passes():
-    """The scaling benchmark's chain floor does the plain step's work, only split into the chain's passes: with 1-D
-    positions (Chameleon) its loss is the model's own loss of the plain sequence, and its passes cover that sequence."""
+@pytest.mark.parametrize("latents", [2, 5])
+def test_the_floors_run_the_chains_final_sequence_in_its_passes(latents):
+    """The scaling benchmark's plain and chain-floor steps run exactly the chain's final sequence: as long as the
+    engine's own output (also once the image is used up: 16 image tokens, K = 4, 5 steps insert 4, 4, 4, 4, 0), and
+    with 1-D positions (Chameleon) the chain floor's loss is the model's own loss of the plain sequence."""
     from ivtlr import IVTLR
     from ivtlr.bench import scaling
 
     config = scaling.QUICK
     bundle, side = scaling.model_for("chameleon", config, 16, scaling.pixels_per_token_side("chameleon"))
-    batches = scaling.training_batches(bundle, side, config, latents=2)
-    assert sum(batches.widths) == batches.plain["input_ids"].shape[1] == batches.latent["input_ids"].shape[1] + 2 * (
-        config.num_selected_patches + 1) - 2
+    batches = scaling.training_batches(bundle, side, config, latents=latents)
     engine = IVTLR(bundle.model, bundle.latent_token_id, num_selected_patches=config.num_selected_patches)
     with torch.no_grad():
+        final_length = engine(**batches.latent).logits.shape[1]
         floor = scaling.chain_floor_loss(engine, batches.plain, batches.widths, batches.vision)
         own = bundle.model(**batches.plain).loss
+    assert sum(batches.widths) == batches.plain["input_ids"].shape[1] == final_length
     torch.testing.assert_close(floor, own, atol=1e-5, rtol=1e-5)

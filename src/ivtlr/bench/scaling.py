@@ -151,7 +151,13 @@ class TrainingBatches:
     latent: dict[str, torch.Tensor]
     plain: dict[str, torch.Tensor]
     vision: dict[str, torch.Tensor]
-    widths: list[int]  # rows of each chain pass: the prompt, then K + 1 per step (the answer with the last)
+    widths: list[int]  # rows of each chain pass: the prompt, then each step's patches + 1 (the answer with the last)
+
+
+def inserted_patches(image_tokens: int, k: int, steps: int) -> list[int]:
+    """Patches each latent step inserts: K while the image has untaken ones, then what is left (a patch is never
+    inserted twice), e.g. 32, 32, 32, 4, 0, 0 for 100 image tokens."""
+    return [max(0, min(k, image_tokens - k * step)) for step in range(steps)]
 
 
 def training_batches(bundle: TinyBundle, side: int, config: ScalingConfig, latents: int) -> TrainingBatches:
@@ -161,7 +167,9 @@ def training_batches(bundle: TinyBundle, side: int, config: ScalingConfig, laten
     batch, prompt_length = prompt.shape
     answer = torch.tensor(filler_ids(bundle, config.train_answer_tokens - 1) + [bundle.eos_token_id]).expand(batch, -1)
     middle_latent = torch.full((batch, latents), bundle.latent_token_id)
-    middle_plain = torch.tensor(filler_ids(bundle, latents * (config.num_selected_patches + 1))).expand(batch, -1)
+    # as long as the chain's final sequence, whose steps stop inserting once the image is used up
+    patches = inserted_patches(int((prompt[0] == bundle.image_token_id).sum()), config.num_selected_patches, latents)
+    middle_plain = torch.tensor(filler_ids(bundle, sum(patches) + latents)).expand(batch, -1)
 
     def sample(middle: torch.Tensor) -> dict[str, torch.Tensor]:
         ids = torch.cat([prompt, middle, answer], dim=1)
@@ -173,7 +181,7 @@ def training_batches(bundle: TinyBundle, side: int, config: ScalingConfig, laten
         if key in encoded:
             extra = plain_batch["input_ids"].shape[1] - prompt_length
             plain_batch[key] = torch.cat([encoded[key], torch.zeros(batch, extra, dtype=encoded[key].dtype)], dim=1)
-    widths = [prompt_length] + [config.num_selected_patches + 1] * latents
+    widths = [prompt_length] + [n + 1 for n in patches]
     widths[-1] += answer.shape[1]
     return TrainingBatches(latent_batch, plain_batch, vision, widths)
 
@@ -215,13 +223,14 @@ def chain_floor_loss(engine: IVTLR, plain_batch: dict[str, torch.Tensor], widths
     return shifted_cross_entropy(backbone.logits(torch.cat(hidden, dim=1)), plain_batch["labels"])[0]
 
 
-def answering_floors(prompt_rows: int, config: ScalingConfig) -> dict[str, float]:
+def answering_floors(prompt_rows: int, image_tokens: int, config: ScalingConfig) -> dict[str, float]:
     """ivtlr ÷ No-CoT for a perfect implementation of each: ``rows``, the decoder rows per question (the prompt, each
     step's K patches and latent, the answer tokens fed back); ``passes``, the sequential decoder calls (prompt, one per
     latent step, one per answer token after the first)."""
     steps, answer = config.default_latents, config.answer_tokens
     nocot_rows = prompt_rows + answer - 1
-    return {"rows": (nocot_rows + steps * (config.num_selected_patches + 1)) / nocot_rows,
+    inserted = sum(inserted_patches(image_tokens, config.num_selected_patches, steps)) + steps
+    return {"rows": (nocot_rows + inserted) / nocot_rows,
             "passes": (steps + answer) / answer}
 
 
@@ -231,7 +240,8 @@ def answering_calls(bundle: TinyBundle, side: int, config: ScalingConfig, batch:
     (``point``, if given, receives the method's floors for this prompt)."""
     encoded, vision = _prompts(bundle, side, config, batch)
     if point is not None:
-        point.floors = answering_floors(encoded["input_ids"].shape[1], config)
+        point.floors = answering_floors(encoded["input_ids"].shape[1],
+                                        int((encoded["input_ids"][0] == bundle.image_token_id).sum()), config)
     latents = torch.full((batch, config.default_latents), bundle.latent_token_id)
     ids = torch.cat([encoded["input_ids"], latents], dim=1)
     engine = IVTLR(bundle.model, bundle.latent_token_id, num_selected_patches=config.num_selected_patches,
