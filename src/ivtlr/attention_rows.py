@@ -20,6 +20,11 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 
+def additive_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask as the additive one kernels use: 0 where attended, -inf elsewhere."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 class AttentionRowRecorder:
     """Accumulates, for each sample, the layer/head-averaged attention row of one query column."""
 
@@ -37,8 +42,7 @@ class AttentionRowRecorder:
         """Prepare for one forward pass: what every layer's capture shares is built once here."""
         self.query_cols, self.key_mask = query_cols, key_mask.bool()
         self._batch = torch.arange(len(query_cols), device=query_cols.device)
-        self._key_bias = torch.zeros(self.key_mask.shape, dtype=torch.float32, device=key_mask.device) \
-            .masked_fill_(~self.key_mask, float("-inf"))[:, None, None, :]
+        self._key_bias = additive_bias(self.key_mask, torch.float32)[:, None, None, :]
         self._sum, self._count = None, 0
 
     def disarm(self) -> None:
@@ -118,7 +122,7 @@ def additive_mask_on_cpu(mask_function: Callable) -> Callable:
         mask = mask_function(*args, dtype=dtype, **kwargs)
         if mask is None or mask.dtype != torch.bool or mask.device.type != "cpu":
             return mask
-        return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
+        return additive_bias(mask, dtype)
 
     return additive_mask
 

@@ -135,6 +135,11 @@ class PackedChunk:
     visual: torch.Tensor | None  # (B, W) bool image-token rows; None if there are none or no row has features
 
 
+def real_rows_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width) long: 1 at each right-padded row's first ``lengths[b]`` columns."""
+    return (torch.arange(width, device=lengths.device) < lengths[:, None]).long()
+
+
 def pack_segments(parts: list[list[Segment]], hidden_size: int, position_rows: int, dtype: torch.dtype,
                   device: torch.device) -> PackedChunk:
     """Concatenate each sample's segments and right-pad them to one chunk. This runs at every pass, so it is a few
@@ -167,8 +172,7 @@ def pack_segments(parts: list[list[Segment]], hidden_size: int, position_rows: i
     embeds = embeds.to(dtype)
     positions = padded(rows(lambda seg: seg.positions.T,
                             torch.zeros(0, position_rows, dtype=torch.long, device=device))).permute(2, 0, 1)
-    mask = torch.ones(len(parts), width, dtype=torch.long, device=device) if even else \
-        (torch.arange(width, device=device) < torch.tensor(widths, device=device)[:, None]).long()
+    mask = real_rows_mask(torch.tensor(widths, device=device), width)
     template = next((seg.features for p in parts for seg in p if seg.features is not None), None)
     features = visual = None
     if template is not None:

@@ -17,7 +17,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from .backbones import Backbone
-from .chain import IGNORE_INDEX, SampleState, Segment
+from .chain import IGNORE_INDEX, SampleState, Segment, real_rows_mask
 from .interventions import NO_INTERVENTION, LatentIntervention
 from .loss import shifted_cross_entropy
 from .outputs import IVTLROutput
@@ -156,7 +156,7 @@ class SegmentBuilder:
         lengths = torch.tensor([h.shape[0] for h in hidden], device=hidden[0].device)
         pad_h, pad_e = pad_sequence(hidden, batch_first=True), pad_sequence(embeds, batch_first=True)
         pad_l = pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX)
-        mask = (torch.arange(pad_h.shape[1], device=lengths.device) < lengths[:, None]).long()
+        mask = real_rows_mask(lengths, pad_h.shape[1])
         logits = self.backbone.logits(pad_h)
         loss = loss_per_sample = None
         if with_labels:
