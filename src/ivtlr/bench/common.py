@@ -38,6 +38,17 @@ MIB = 2**20
 ConfigT = TypeVar("ConfigT")
 
 
+@dataclass(frozen=True)
+class BenchModelSizes:
+    """The tiny model every benchmark measures by default (each benchmark's config adds its own shape)."""
+
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    intermediate_size: int = 1024
+
+
 @dataclass
 class Measurement:
     """Wall times of repeated calls of one variant and the peak tensor memory of one call."""
@@ -285,6 +296,14 @@ def build_bench_model(config, dtype: torch.dtype, device: torch.device, family: 
                         intermediate_size=config.intermediate_size, image_size=config.image_size, dtype=dtype)
     bundle.model.to(device)
     return bundle
+
+
+def parse_benchmark_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse a benchmark's options; ``--quick`` (a smoke run) times one call per variant without warmup."""
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.warmup = 1, 0
+    return args
 
 
 def apply_cpu_settings(args: argparse.Namespace) -> None:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .common import (Measurement, Target, bench_setup, benchmark_parser, chat_prompts, filler_ids, format_table,
-                     load_average, machine_info, measure_all, report)
+from .common import (BenchModelSizes, Measurement, Target, bench_setup, benchmark_parser, chat_prompts, filler_ids,
+                     format_table, load_average, machine_info, measure_all, parse_benchmark_args, report)
 from ivtlr import IVTLR
 from ivtlr.testing import FAMILIES, TinyBundle
 
@@ -33,15 +33,10 @@ logger = logging.getLogger("bench_engine")
 VARIANTS = ("cached", "recompute", "plain")
 DEFAULT_OUT = Path("benchmarks") / "results" / "engine.json"  # relative to where it runs
 @dataclass(frozen=True)
-class BenchConfig:
+class BenchConfig(BenchModelSizes):
     """Model and batch shape. The default: Qwen2-VL architecture, a 280x280 image (100 merged image tokens),
     K=32, 3 latents, ~300 input tokens, ~400 after the 3*(32+1) inserted rows, batch 4."""
 
-    hidden_size: int = 256
-    num_layers: int = 4
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    intermediate_size: int = 1024
     image_size: int = 280
     num_selected_patches: int = 32
     num_latents: int = 3
@@ -144,10 +139,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="gradient through the fed-back hidden states: none (the original) or full (Coconut)")
     parser.add_argument("--family", default="qwen2_vl", choices=FAMILIES,
                         help="model type of the tiny model; its image is sized to Qwen2-VL's number of image tokens")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.repeats, args.warmup = 1, 0  # the loss-recording call in main() is the warmup
-    return args
+    return parse_benchmark_args(parser, argv)  # under --quick, the loss-recording call in main() is the warmup
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .common import (Target, bench_setup, benchmark_parser, chat_prompts, format_table, machine_info, report,
-                     time_interleaved)
+from .common import (BenchModelSizes, Target, bench_setup, benchmark_parser, chat_prompts, format_table, machine_info,
+                     parse_benchmark_args, report, time_interleaved)
 from ivtlr import IVTLR
 from ivtlr.testing import TinyBundle
 
@@ -34,15 +34,10 @@ logger = logging.getLogger("bench_inference")
 
 DEFAULT_OUT = Path("benchmarks") / "results" / "inference.json"  # relative to where it runs
 @dataclass(frozen=True)
-class BenchConfig:
+class BenchConfig(BenchModelSizes):
     """The engine benchmark's model (Qwen2-VL architecture, a 280x280 image -> 100 merged image tokens, K=32,
     3 latents) answering with ``answer_tokens`` tokens ("AR steps"; the paper reports about 10)."""
 
-    hidden_size: int = 256
-    num_layers: int = 4
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    intermediate_size: int = 1024
     image_size: int = 280
     num_selected_patches: int = 32
     num_latents: int = 3
@@ -177,10 +172,7 @@ def results_table(results: dict[str, Result]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = benchmark_parser(__doc__.split("\n\n")[0], DEFAULT_OUT, warmup=1, unit="call")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.repeats, args.warmup = 1, 0
-    return args
+    return parse_benchmark_args(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> dict:

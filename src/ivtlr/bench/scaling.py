@@ -40,8 +40,9 @@ from ivtlr.data.collate import TOKEN_TYPE_KEYS
 from ivtlr.loss import shifted_cross_entropy
 from ivtlr.testing import FAMILIES, TinyBundle, build_tiny, make_test_image
 
-from .common import (Target, apply_cpu_settings, benchmark_parser, chat_prompts, filler_ids, format_table,
-                     machine_info, peak_bytes, report, synchronize, time_interleaved)
+from .common import (BenchModelSizes, Target, apply_cpu_settings, benchmark_parser, chat_prompts, filler_ids,
+                     format_table, machine_info, parse_benchmark_args, peak_bytes, report, synchronize,
+                     time_interleaved)
 
 logger = logging.getLogger("bench_scaling")
 
@@ -55,14 +56,9 @@ ANSWERING_VARIANTS = ("ivtlr", "nocot")
 
 
 @dataclass(frozen=True)
-class ScalingConfig:
+class ScalingConfig(BenchModelSizes):
     """The model (the engine benchmark's sizes) and the sweep."""
 
-    hidden_size: int = 256
-    num_layers: int = 4
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    intermediate_size: int = 1024
     num_selected_patches: int = 32
     question_tokens: int = 80
     train_answer_tokens: int = 100  # labelled tokens of a training sample
@@ -441,10 +437,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-seconds", type=float, default=60.0,
                         help="skip a variant at a point when its calls would take longer than this")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the ratio curves (default: next to --out)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.repeats, args.warmup = 1, 0
-    return args
+    return parse_benchmark_args(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
