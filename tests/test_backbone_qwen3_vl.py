@@ -52,7 +52,10 @@ class DeepstackCall:
 
 @contextmanager
 def recorded_deepstack(model) -> Iterator[list[DeepstackCall]]:
-    """Every call of the text decoder's ``_deepstack_process``, with what it added to each row."""
+    """Every call of the text decoder's ``_deepstack_process``, with what it added to each row.
+
+    A private method of transformers' Qwen3-VL, wrapped (not asserted on) because it is where the model adds the
+    deepstack features: what is checked is ours, that each inserted copy carries its source token's features."""
     decoder = model.model.language_model
     calls: list[DeepstackCall] = []
     original = decoder._deepstack_process

@@ -254,6 +254,7 @@ def test_the_recompute_reference_leaves_the_models_attention_as_it_was(bundle):
     the text decoder's row-capturing one included (the user's model is not left changed)."""
     engine = IVTLR(bundle.model, bundle.latent_token_id, num_selected_patches=2)
     reference = IVTLR(bundle.model, bundle.latent_token_id, num_selected_patches=2, recompute=True)
+    # `config._attn_implementation` is transformers' own record of the kernel: ours to leave as the user set it.
     before = (bundle.model.config._attn_implementation, engine.backbone.attn_implementation)
     assert before[1].startswith("ivtlr_rows_")
     with torch.no_grad():
