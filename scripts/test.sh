@@ -12,6 +12,6 @@ fi
 bash "$root/scripts/env.sh"
 cd "$root"
 venv="${IVTLR_VENV:-$root/.venv}"
-"$venv/bin/lint-imports" --config pyproject.toml
+"$venv/bin/lint-imports"
 "$venv/bin/ruff" check src tests benchmarks scripts
 exec "$venv/bin/python" -m pytest -q "$@"

@@ -134,8 +134,12 @@ PROMPT = "[Question]:Which digit?\n[Options]:\n(A).zero\n(B).one\nAnswer:\n"
 )
 def test_curriculum_item_exact(mode, stage, n_latent, target):
     curriculum = Curriculum(max_latent_stage=3, mode=mode)
-    assert curriculum.item(EXAMPLE, stage) == TrainingItem(
-        id="q1", image=None, prompt=PROMPT, n_latent=n_latent, target=target + "Therefore, the answer is B"
+    item = curriculum.item(EXAMPLE, stage)
+    steps = ["It has one stroke. It is straight", "It is not a loop", "Nothing else is drawn."]
+    assert item == TrainingItem(
+        id="q1", image=None, prompt=PROMPT, n_latent=n_latent, target=target + "Therefore, the answer is B",
+        latent_steps=tuple(steps[t] if t < len(steps) else None for t in range(n_latent)),
+        latent_boxes=(None,) * n_latent,
     )
 
 

@@ -155,3 +155,37 @@ def test_out_of_range_options_stop_before_loading_anything(tmp_path, capsys, opt
         main(["infer", "--checkpoint", str(tmp_path / "not-there"), "--image", "x.png", "--question", "q",
               "--choices", "a", "b", option, value])
     assert stop.value.code == 2 and f"argument {option}: must be at least" in capsys.readouterr().err
+
+
+def test_infer_reads_each_latent_back_as_text(tmp_path, capsys):
+    """--read-latents prints what each latent step's state decodes to on its own: the text of a greedy decode of
+    the fed row run here by hand (the model's own forward, no cache), cut at its first newline."""
+    files = write_m3cot_files(tmp_path / "data", n_train=4, n_test=1)
+    checkpoint = latest_checkpoint(train_in_process(write_config(tmp_path, files, num_epochs=2)) / "checkpoints")
+    image_path, picture = tmp_path / "digit.png", tmp_path / "explain.png"
+    digit_image(1001, size=40).save(image_path)
+    assert main(["infer", "--checkpoint", str(checkpoint), "--image", str(image_path), "--question", QUESTION,
+                 "--choices", *CHOICES, "--max-new-tokens", "5", "--read-latents", "--explain", str(picture)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+
+    engine, components, meta = load_checkpoint(checkpoint)
+    example = Example("q", Image.open(image_path).convert("RGB"), QUESTION, CHOICES, "A", "")
+    batch = build_generation_batch(components.processor, [example], meta.n_latent, engine.latent_token_id,
+                                   image_size=meta.image_size)
+    model = engine.base_model
+    expected = []
+    with torch.no_grad():
+        rows = engine.generate(**batch, max_new_tokens=5, return_dict=True).latents[0]
+        for row in rows:
+            inputs, tokens = row[None, None], []
+            for _ in range(16):
+                token = int(model(inputs_embeds=inputs).logits[0, -1].argmax())
+                if token in engine.eos_token_ids:
+                    break
+                tokens.append(token)
+                inputs = torch.cat([inputs, model.get_input_embeddings()(torch.tensor([[token]]))], dim=1)
+            text = components.tokenizer.decode(tokens, skip_special_tokens=True)
+            expected.append(text.split("\n", 1)[0].strip())
+    assert len(expected) == meta.n_latent >= 1
+    assert printed[:len(expected)] == [f"latent step {i + 1} says: {t}" for i, t in enumerate(expected)]
+    assert picture.stat().st_size > 0

@@ -10,6 +10,7 @@ import torch
 from ivtlr.cli import main
 from ivtlr.config import load_config
 from ivtlr.data import load_examples
+from ivtlr.data.curriculum import split_rationale
 from ivtlr.evaluation import load_config_model
 from ivtlr.evaluation.probe import PROBE_GROUPS, plan_conditions, run_probe
 from ivtlr.scoring import read_jsonl
@@ -84,3 +85,20 @@ def test_a_model_without_latent_steps_is_refused_in_one_line(config, capsys):
     assert main(["probe", str(config), "mode=nocot", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "error: the probe needs latent steps" in err and "Traceback" not in err
+
+
+def test_read_latents_reports_each_step_against_the_written_one(config, tmp_path):
+    assert main(["probe", str(config), "--out", str(tmp_path / "probe"), "--no-progress", "--conditions", "count",
+                 "--read-latents"]) == 0
+    probe = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    steps = probe["readback"]["steps"]
+    examples = list(load_examples("m3cot", "test", data_files=load_config(config).dataset.data_files))
+    assert [entry["step"] for entry in steps] == [1, 2]
+    for entry in steps:
+        assert entry["questions"] == N_QUESTIONS and 0 <= entry["matched"] <= N_QUESTIONS
+        assert entry["match_rate"] == pytest.approx(entry["matched"] / N_QUESTIONS)
+        written = [e for e in entry["examples"]]
+        assert all(w["written"] for w in written) and len(written) == min(5, N_QUESTIONS)
+    first = steps[0]["examples"][0]
+    assert first["id"] == examples[0].id and first["written"] == split_rationale(examples[0].rationale)[0].strip()
+    assert "What each latent says" in (tmp_path / "probe" / "probe.md").read_text()

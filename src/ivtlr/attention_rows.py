@@ -9,6 +9,7 @@ armed recorder observes the module.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import weakref
 from collections.abc import Callable
@@ -37,6 +38,8 @@ class AttentionRowRecorder:
         self._key_bias: torch.Tensor | None = None  # (B, 1, 1, Lk) 0 at real keys, -inf elsewhere
         self._sum: torch.Tensor | None = None
         self._count = 0
+        #: keep the rows in the autograd graph (region supervision trains the attention they measure)
+        self.differentiable = False
 
     def arm(self, query_cols: torch.Tensor, key_mask: torch.Tensor) -> None:
         """Prepare for one forward pass: what every layer's capture shares is built once here."""
@@ -55,17 +58,21 @@ class AttentionRowRecorder:
     def observes(self, module: nn.Module) -> bool:
         return self.armed and id(module) in self._modules
 
-    @torch.no_grad()
     def record(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         """query (B, H, Lq, d), key (B, Hkv, Lk, d) as handed to the attention kernel."""
-        q = query[self._batch, :, self.query_cols].float()  # (B, H, d)
-        k = key.float()
-        groups = q.shape[1] // k.shape[1]
-        q = q.view(q.shape[0], k.shape[1], groups, q.shape[-1])  # (B, Hkv, G, d)
-        # scaled after the product, as the eager kernels do, so that the ranking matches their attention maps
-        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scaling).add_(self._key_bias)  # (B, Hkv, G, Lk)
-        row = scores.softmax(dim=-1).mean(dim=(1, 2))  # (B, Lk): mean over all heads
-        self._sum = row if self._sum is None else self._sum.add_(row)
+        differentiable = self.differentiable and torch.is_grad_enabled()
+        # Under gradient checkpointing the layer is re-run without the recorder in the backward pass: what the row
+        # saves for its own backward is kept as it is (identity hooks), outside the checkpoint's recomputation.
+        keep = torch.autograd.graph.saved_tensors_hooks(_kept, _kept) if differentiable else contextlib.nullcontext()
+        with torch.set_grad_enabled(differentiable), keep:
+            q = query[self._batch, :, self.query_cols].float()  # (B, H, d)
+            k = key.float()
+            groups = q.shape[1] // k.shape[1]
+            q = q.view(q.shape[0], k.shape[1], groups, q.shape[-1])  # (B, Hkv, G, d)
+            # scaled after the product, as the eager kernels do, so that the ranking matches their attention maps
+            scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scaling).add_(self._key_bias)  # (B, Hkv, G, Lk)
+            row = scores.softmax(dim=-1).mean(dim=(1, 2))  # (B, Lk): mean over all heads
+            self._sum = row if self._sum is None else self._sum + row
         self._count += 1
 
     def rows(self) -> torch.Tensor:
@@ -74,6 +81,10 @@ class AttentionRowRecorder:
             raise RuntimeError(f"attention rows were captured for {self._count} of {self.n_layers} layers; "
                                "the model's attention did not go through the attention interface")
         return self._sum / self._count
+
+
+def _kept(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 #: Attention functions registered by ivtlr are named ``ivtlr_rows_<kernel>``: the kernel, plus the row capture.

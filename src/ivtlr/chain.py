@@ -33,6 +33,10 @@ class Segment:
     column: int | None = None  # physical column of the segment's first row in the pass that computed it
     features: torch.Tensor | None = None  # (l, *F) per-row visual features the decoder adds (deepstack), or None
     visual: torch.Tensor | None = None  # (l,) bool: image-token rows (inserted copies included); None: none
+    #: the hidden state the latent row was built from, before any detach (what the step loss decodes), or None
+    fed_state: torch.Tensor | None = None
+    #: the region loss of the attention row that chose this segment's patches (region supervision), or None
+    region_loss: torch.Tensor | None = None
 
     @property
     def length(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import os
 import types
 import typing
@@ -95,6 +96,9 @@ class Config:
     positions: PositionMode = "original"
     latent_grad: LatentGrad = "detach"
     patch_order: PatchOrder = "position"
+    # Supervision of the latent steps (ivtlr.supervision); 0 = off, the paper's objective.
+    step_supervision: float = 0.0  # weight of the step loss: each latent state decodes the written step it replaced
+    region_supervision: float = 0.0  # weight of the region loss: attention on the region a step reads (step_boxes)
 
     # Optimisation.
     weight_decay: float = 0.01
@@ -144,12 +148,31 @@ class Config:
         if self.mode in LATENT_MODES and self.max_latent_stage < 1:
             problems.append(f"mode {self.mode!r} with max_latent_stage={self.max_latent_stage} trains no latent "
                             "step: set max_latent_stage >= 1 (or mode: cot)")
+        problems += _supervision_problems(self)
         if problems:
             raise ConfigError("; ".join(problems))
         return self
 
 
 #: Modes whose curriculum turns reasoning steps into latent steps.
+
+
+def _supervision_problems(config: Config) -> list[str]:
+    """A supervision weight must be finite and have latent steps of the kind it trains."""
+    problems = []
+    for key in ("step_supervision", "region_supervision"):
+        weight = getattr(config, key)
+        if not math.isfinite(weight):
+            problems.append(f"{key} must be a finite weight, got {weight!r}")
+        elif weight and config.mode not in LATENT_MODES:
+            problems.append(f"{key} trains latent steps, which mode {config.mode!r} has none of: set it to 0")
+    if config.step_supervision and config.mode == "latent_vision_only":
+        problems.append("step_supervision decodes the state a latent step feeds back, which mode "
+                        "'latent_vision_only' does not feed back: set it to 0")
+    if config.region_supervision and (config.mode == "latent_text_only" or config.num_selected_patches == 0):
+        problems.append("region_supervision trains the attention that chooses the inserted patches, and this run "
+                        "inserts none (latent_text_only or num_selected_patches=0): set it to 0")
+    return problems
 
 
 def _range_checks(config: Config) -> list[tuple[str, Any, str]]:
@@ -161,6 +184,8 @@ def _range_checks(config: Config) -> list[tuple[str, Any, str]]:
             ("latents_per_step", config.latents_per_step, ">= 1"), ("lr", config.lr, ">= 0"),
             ("weight_decay", config.weight_decay, ">= 0"), ("max_grad_norm", config.max_grad_norm, "> 0"),
             ("warmup_steps", config.warmup_steps, ">= 0"),
+            ("step_supervision", config.step_supervision, ">= 0"),
+            ("region_supervision", config.region_supervision, ">= 0"),
             ("num_selected_patches", config.num_selected_patches, ">= 0"),
             ("max_length", config.max_length, ">= 1"), ("save_every_steps", config.save_every_steps, ">= 1"),
             ("keep_last", config.keep_last, ">= 1"), ("num_workers", config.num_workers, ">= 0"),

@@ -22,6 +22,7 @@ from .interventions import NO_INTERVENTION, LatentIntervention
 from .layout import Layout, SegmentBuilder, fed_latents
 from .outputs import GenerationOutput, IVTLROutput
 from .selection import PATCH_ORDERS
+from .supervision import LatentSupervision
 
 logger = logging.getLogger(__name__)
 
@@ -94,37 +95,49 @@ class IVTLR(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, *, intervention: LatentIntervention | None = None,
+                step_targets: torch.Tensor | None = None, step_regions: torch.Tensor | None = None,
                 **vision_inputs: torch.Tensor | None) -> IVTLROutput:
         """The final sequences' logits (and loss, with ``labels``).
 
         ``vision_inputs``: whatever the family's processor returned beside the ids and the mask (``pixel_values``,
         ``image_grid_thw``, ``image_sizes``, ...), handed to the backbone as they are. ``intervention`` replaces what
-        the latent steps feed back or insert (:mod:`ivtlr.interventions`; off by default)."""
+        the latent steps feed back or insert (:mod:`ivtlr.interventions`; off by default). ``step_targets`` and
+        ``step_regions`` (:class:`~ivtlr.supervision.LatentSupervision`, written by the collator when step or region
+        supervision is on) add the step and region losses to the output; the loss itself is unchanged."""
         vision = _vision(vision_inputs)
         intervention = intervention or NO_INTERVENTION
+        supervision = LatentSupervision(step_targets, step_regions)
+        supervision = supervision if supervision.active else None
         if self.recompute and not intervention.is_identity:
             raise ValueError("interventions run on the cached chain; build the engine with recompute=False")
         if self.recompute:
             from .recompute import recompute_forward
 
-            return recompute_forward(self, input_ids, attention_mask, labels, vision)
-        layouts = self.builder.layouts(input_ids, attention_mask, labels, vision)
+            return recompute_forward(self, input_ids, attention_mask, labels, vision, supervision)
+        layouts = self.builder.layouts(input_ids, attention_mask, labels, vision, supervision)
         grad = torch.is_grad_enabled()
         checkpointing = grad and self._gradient_checkpointing_active()
         # Gradient checkpointing cannot keep a cache inside the autograd graph. With detached latents only the final
         # pass needs gradients, so the chain runs cached without them and the final sequence once with them; with
-        # `full` every pass is re-run over its whole prefix, as Coconut does.
-        cached = not (checkpointing and self.latent_grad == "full")
-        chain_grad = grad and not (checkpointing and self.latent_grad == "detach")
+        # `full`, or when supervision losses train the chain's own passes, every pass is re-run over its whole
+        # prefix, as Coconut does.
+        chain_trained = self.latent_grad == "full" or supervision is not None
+        cached = not (checkpointing and chain_trained)
+        chain_grad = grad and not (checkpointing and not chain_trained)
         defer_final = grad and not chain_grad
         intervention.check_batch(len(layouts))
-        runner, selected = self._run_chain(layouts, vision, cached=cached, grad=chain_grad,
-                                           defer_final=defer_final, intervention=intervention)
+        self.recorder.differentiable = supervision is not None and supervision.step_regions is not None
+        try:
+            runner, selected = self._run_chain(layouts, vision, cached=cached, grad=chain_grad,
+                                               defer_final=defer_final, intervention=intervention)
+        finally:
+            self.recorder.differentiable = False
         if defer_final:
             final_pass = ChainRunner(self.backbone, self.recorder, runner.states, cached=False,
                                      dtype=runner.dtype, device=runner.device)
             final_pass.run([None] * len(layouts), query=False, grad=True)
-        return self.builder.assemble(runner.states, selected, labels is not None)
+        return self.builder.assemble(runner.states, selected, labels is not None,
+                                     layouts if supervision is not None else None)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,

@@ -19,6 +19,7 @@ from .data import Example, resize_image
 from .modes import MODES
 from .evaluation.loading import (LoadedModel, add_device_argument, add_model_arguments, load_requested_model,
                                  resolve_device)
+from .evaluation.readback import read_latents
 from .evaluation.runner import GenerationSettings, generate_answers
 from .explain import save_selection_png
 from .scoring import EXTRACTION_RULES, extract_answer
@@ -34,12 +35,14 @@ class InferenceResult:
     selected: list[list[int]]  # per latent step, indices into the image-token grid (row-major)
     grid_hw: tuple[int, int] | None  # (rows, cols) of the image-token grid
     seen_image: Image.Image  # the picture the model saw, on which the grid is laid
+    latent_texts: list[str] | None = None  # with ``read_latents``: what each latent step's state decodes to
 
 
 def answer_question(model: LoadedModel, image: Image.Image, question: str, choices: list[str], *,
                     n_latent: int | None = None, max_new_tokens: int = 64, image_size: int | None = None,
-                    rule: AnswerRule = "original") -> InferenceResult:
-    """Prompt as in training, run the latent chain, decode, and read the answer letter."""
+                    rule: AnswerRule = "original", read_back: bool = False) -> InferenceResult:
+    """Prompt as in training, run the latent chain, decode, and read the answer letter; with ``read_back``, also
+    decode each latent step's state to text (:func:`ivtlr.evaluation.readback.read_latents`)."""
     image = image.convert("RGB")
     image_size = image_size if image_size is not None else model.image_size
     settings = GenerationSettings(n_latent=model.n_latent(n_latent), max_new_tokens=max_new_tokens,
@@ -53,7 +56,8 @@ def answer_question(model: LoadedModel, image: Image.Image, question: str, choic
         selected=[step.tolist() for step in answer.selected],
         grid_hw=model.engine.image_grid(batch, 0) if has_image else None,
         seen_image=model.engine.backbone.processor_view(model.processor.image_processor,
-                                                        resize_image(image, image_size), batch, 0))
+                                                        resize_image(image, image_size), batch, 0),
+        latent_texts=read_latents(model, answer.latents) if read_back and answer.latents is not None else None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="resize the image to this square first (default: the checkpoint's training size)")
     parser.add_argument("--answer-rule", choices=EXTRACTION_RULES, default="original")
     parser.add_argument("--explain", type=Path, metavar="OUT.png", help="draw each latent step's patches")
+    parser.add_argument("--read-latents", action="store_true",
+                        help="decode each latent step's state to text (printed, and under each step of --explain)")
     add_device_argument(parser)
 
 
@@ -90,15 +96,20 @@ def run(args: argparse.Namespace) -> int:
     with Image.open(args.image) as image:
         result = answer_question(model, image, args.question, args.choices, n_latent=args.n_latent,
                                  max_new_tokens=args.max_new_tokens, image_size=args.image_size,
-                                 rule=args.answer_rule)
+                                 rule=args.answer_rule, read_back=args.read_latents)
     named = f" ({args.choices[ord(result.answer) - ord('A')]})" if result.answer else ""
-    print(f"generated: {result.text}\nanswer: {result.answer or 'none'}{named}")  # noqa: T201 - the command's result
+    lines = [f"latent step {i + 1} says: {text}" for i, text in enumerate(result.latent_texts or [])]
+    lines += [f"generated: {result.text}", f"answer: {result.answer or 'none'}{named}"]
+    print("\n".join(lines))  # noqa: T201 - the command's result
     if args.explain is not None:
         if result.grid_hw is None or not result.selected:
             logger.warning("no latent vision to draw (no image or no latent steps): %s shows the image only",
                            args.explain)
         try:
-            save_selection_png(args.explain, result.seen_image, result.grid_hw or (1, 1), result.selected)
+            labels = [f"step {i + 1}: {text}" for i, text in enumerate(result.latent_texts)] \
+                if result.latent_texts else None
+            save_selection_png(args.explain, result.seen_image, result.grid_hw or (1, 1), result.selected,
+                               step_labels=labels)
         except OSError as error:  # the answer is printed already: a picture that cannot be written is not fatal
             logger.warning("could not write the --explain picture %s: %s", args.explain, error)
     return 0

@@ -21,6 +21,7 @@ from .chain import IGNORE_INDEX, SampleState, Segment, real_rows_mask
 from .interventions import NO_INTERVENTION, LatentIntervention
 from .loss import shifted_cross_entropy
 from .outputs import IVTLROutput
+from .supervision import LatentSupervision, region_loss_term, step_decode_losses
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,10 @@ class Layout:
     prompt_len: int
     n_latent: int
     features: torch.Tensor | None = None  # (S, *F) per-row visual features the decoder adds (deepstack), or None
+    #: per latent slot, the token ids of the written step it replaced (step supervision), None where it has none
+    step_targets: list[torch.Tensor | None] | None = None
+    #: per latent slot, (N,) bool over the image tokens: the region its step reads (region supervision), or None
+    region_masks: list[torch.Tensor | None] | None = None
 
     @cached_property
     def image_embeds(self) -> torch.Tensor:
@@ -65,7 +70,7 @@ class SegmentBuilder:
         self.pad_token_id = pad_token_id
 
     def layouts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None,
-                vision: Mapping[str, torch.Tensor]) -> list[Layout]:
+                vision: Mapping[str, torch.Tensor], supervision: LatentSupervision | None = None) -> list[Layout]:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
         if attention_mask is None:
@@ -86,8 +91,14 @@ class SegmentBuilder:
             if latent_at and not len(image_at) and self.num_selected_patches:
                 logger.debug("sample %d has latent steps but no image: latent vision is empty", b)
             features = embedded.row_features[b, real] if embedded.row_features is not None else None
-            layouts.append(Layout(ids=ids, labels=lab, embeds=embedded.embeds[b, real], image_index=image_at,
-                                  prompt_len=prompt_len, n_latent=len(latent_at), features=features))
+            layout = Layout(ids=ids, labels=lab, embeds=embedded.embeds[b, real], image_index=image_at,
+                            prompt_len=prompt_len, n_latent=len(latent_at), features=features)
+            if supervision is not None:
+                layout.step_targets = supervision.step_targets_of(b, layout.n_latent)
+                layout.region_masks = supervision.region_masks_of(b, layout.n_latent, len(image_at),
+                                                                  lambda sample=b: self.backbone.region_views(vision,
+                                                                                                              sample))
+            layouts.append(layout)
         return layouts
 
     def prompt_segments(self, layouts: list[Layout], vision: Mapping[str, torch.Tensor]
@@ -114,12 +125,15 @@ class SegmentBuilder:
         of the position before the slot over the sample's keys (its first columns are the prompt)."""
         device = lay.ids.device
         scores = rows[lay.image_index] if len(lay.image_index) else rows[:0]
+        region = lay.region_masks[step - 1] if lay.region_masks is not None else None
+        region_loss = region_loss_term(scores, ~taken, region) if region is not None else None
         k = self.num_selected_patches if intervention.num_selected_patches is None \
             else intervention.num_selected_patches
-        chosen = intervention.choose_patches(sample, step, scores, taken, k, self.patch_order)
+        chosen = intervention.choose_patches(sample, step, scores.detach(), taken, k, self.patch_order)
         taken[chosen] = True
         selected.append(chosen)
         latent_slot = lay.prompt_len + step - 1
+        fed_state = fill if self.latent_text else None
         if not self.latent_text:
             fill = lay.embeds[latent_slot]
         elif self.latent_grad == "detach":
@@ -146,10 +160,13 @@ class SegmentBuilder:
         embeds = torch.cat(parts)
         return Segment(embeds, state.positions(embeds.shape[0], self.backbone.position_rows, device),
                        torch.cat(labels), latent_row=len(chosen),
-                       features=torch.cat(features) if features is not None else None, visual=torch.cat(visual))
+                       features=torch.cat(features) if features is not None else None, visual=torch.cat(visual),
+                       fed_state=fed_state, region_loss=region_loss)
 
-    def assemble(self, states: list[SampleState], selected, with_labels: bool) -> IVTLROutput:
-        """The final sequences, right-padded, with their logits (and loss)."""
+    def assemble(self, states: list[SampleState], selected, with_labels: bool,
+                 layouts: list[Layout] | None = None) -> IVTLROutput:
+        """The final sequences, right-padded, with their logits (and loss; and the supervision losses where the
+        ``layouts`` carry step targets or regions)."""
         hidden = [torch.cat([seg.hidden for seg in st.segments]) for st in states]
         embeds = [torch.cat([seg.embeds for seg in st.segments]) for st in states]
         labels = [torch.cat([seg.labels for seg in st.segments]) for st in states]
@@ -161,9 +178,32 @@ class SegmentBuilder:
         loss = loss_per_sample = None
         if with_labels:
             loss, loss_per_sample = shifted_cross_entropy(logits, pad_l)
-        return IVTLROutput(loss=loss, logits=logits, selected=selected, attention_mask=mask,
-                           labels=pad_l if with_labels else None, loss_per_sample=loss_per_sample,
-                           inputs_embeds=pad_e, latent_positions=[latent_rows(st) for st in states])
+        output = IVTLROutput(loss=loss, logits=logits, selected=selected, attention_mask=mask,
+                             labels=pad_l if with_labels else None, loss_per_sample=loss_per_sample,
+                             inputs_embeds=pad_e, latent_positions=[latent_rows(st) for st in states])
+        if layouts is not None:
+            self._supervision_losses(output, states, layouts)
+        return output
+
+    def _supervision_losses(self, output: IVTLROutput, states: list[SampleState], layouts: list[Layout]) -> None:
+        """Fill in the step and region losses (per supervised latent slot, in sample then slot order, and their
+        means) from the segments the chain built."""
+        fed, targets, regions = [], [], []
+        for state, lay in zip(states, layouts):
+            latent_segments = [seg for seg in state.segments if seg.latent_row is not None]
+            for slot, seg in enumerate(latent_segments):
+                target = lay.step_targets[slot] if lay.step_targets is not None else None
+                if target is not None and seg.fed_state is not None:
+                    fed.append(seg.fed_state)
+                    targets.append(target)
+                if seg.region_loss is not None:
+                    regions.append(seg.region_loss)
+        if any(lay.step_targets is not None for lay in layouts):
+            output.step_losses = step_decode_losses(self.backbone, fed, targets)
+            output.step_loss = output.step_losses.mean() if fed else None
+        if any(lay.region_masks is not None for lay in layouts):
+            output.region_losses = torch.stack(regions) if regions else torch.zeros(0)
+            output.region_loss = output.region_losses.mean() if regions else None
 
 
 def _real_rows(mask: torch.Tensor) -> slice | torch.Tensor:

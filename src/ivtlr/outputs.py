@@ -19,6 +19,13 @@ class IVTLROutput:
     loss_per_sample: torch.Tensor | None  # (B,)
     inputs_embeds: torch.Tensor  # (B, L, D) the final input embeddings
     latent_positions: list[list[int]]  # per sample: where the latent rows sit in the final sequence
+    #: step supervision (``step_targets`` given): per supervised latent slot (sample, then slot order) the mean
+    #: cross-entropy of decoding its written step from its fed state, and their mean (None: no slot supervised)
+    step_losses: torch.Tensor | None = None
+    step_loss: torch.Tensor | None = None
+    #: region supervision (``step_regions`` given): per latent step with a region, -log of the attention share on it
+    region_losses: torch.Tensor | None = None
+    region_loss: torch.Tensor | None = None
 
 
 @dataclass

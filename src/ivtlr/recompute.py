@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .backbones import Backbone
     from .engine import IVTLR
     from .outputs import IVTLROutput
+    from .supervision import LatentSupervision
 
 
 @contextmanager
@@ -52,9 +53,10 @@ def _full_pass(engine: "IVTLR", states: list[SampleState], output_attentions: bo
     return out, packed.widths
 
 
-def recompute_forward(engine: "IVTLR", input_ids, attention_mask, labels, vision) -> "IVTLROutput":
+def recompute_forward(engine: "IVTLR", input_ids, attention_mask, labels, vision,
+                      supervision: "LatentSupervision | None" = None) -> "IVTLROutput":
     builder = engine.builder
-    layouts = builder.layouts(input_ids, attention_mask, labels, vision)
+    layouts = builder.layouts(input_ids, attention_mask, labels, vision, supervision)
     prompts, next_start = builder.prompt_segments(layouts, vision)
     states = [SampleState(segments=[seg], next_position=int(p)) for seg, p in zip(prompts, next_start)]
     taken = [torch.zeros(len(lay.image_index), dtype=torch.bool, device=lay.ids.device) for lay in layouts]
@@ -79,7 +81,7 @@ def recompute_forward(engine: "IVTLR", input_ids, attention_mask, labels, vision
         for seg in st.segments:
             seg.hidden = out.last_hidden_state[b, start : start + seg.length]
             start += seg.length
-    result = builder.assemble(states, selected, labels is not None)
+    result = builder.assemble(states, selected, labels is not None, layouts if supervision is not None else None)
     if labels is not None:
         result.loss, result.loss_per_sample = _loss_over_all_passes(engine, earlier_passes, result)
     return result

@@ -7,7 +7,7 @@ from types import ModuleType
 from torch import nn
 from transformers import ProcessorMixin
 
-from .base import Backbone, Embedded, unwrap_peft
+from .base import Backbone, Embedded, RegionView, box_token_mask, unwrap_peft
 from .registry import FAMILIES
 from .tiny_spec import TinySpec
 
@@ -46,5 +46,5 @@ def get_backbone(model: nn.Module) -> Backbone:
     return backbone_class_for(getattr(inner.config, "model_type", type(inner).__name__))(model)
 
 
-__all__ = ["Backbone", "Embedded", "SUPPORTED_MODEL_TYPES", "TinySpec", "backbone_class_for", "family_module",
-           "get_backbone", "load_processor", "tiny_spec", "unwrap_peft"]
+__all__ = ["Backbone", "Embedded", "RegionView", "SUPPORTED_MODEL_TYPES", "TinySpec", "backbone_class_for",
+           "box_token_mask", "family_module", "get_backbone", "load_processor", "tiny_spec", "unwrap_peft"]

@@ -34,6 +34,39 @@ class Embedded:
     row_features: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class RegionView:
+    """A run of image tokens laid out row-major on a ``rows x cols`` grid that covers the whole picture."""
+
+    first: int  # index, among the sample's image tokens, of the grid's top-left token
+    rows: int
+    cols: int
+
+
+def box_token_mask(views: list[RegionView], box: tuple[float, float, float, float], n_tokens: int) -> torch.Tensor:
+    """(n_tokens,) bool: the image tokens a box covers. ``box`` is (x0, y0, x1, y1) as fractions of the picture's
+    width and height. In each view a token is in the box when its cell's centre is; a box smaller than every cell
+    takes the cell under its own centre, so every box names at least one token per view."""
+    x0, y0, x1, y1 = box
+    if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
+        raise ValueError(f"a region box must be (x0, y0, x1, y1) fractions with 0 <= x0 < x1 <= 1 and "
+                         f"0 <= y0 < y1 <= 1, got {box}")
+    mask = torch.zeros(n_tokens, dtype=torch.bool)
+    for view in views:
+        if view.first + view.rows * view.cols > n_tokens:
+            raise ValueError(f"a {view.rows}x{view.cols} view from image token {view.first} does not fit the "
+                             f"sample's {n_tokens} image tokens")
+        centre_x = (torch.arange(view.cols) + 0.5) / view.cols
+        centre_y = (torch.arange(view.rows) + 0.5) / view.rows
+        inside = ((centre_y >= y0) & (centre_y <= y1))[:, None] & ((centre_x >= x0) & (centre_x <= x1))[None, :]
+        if not bool(inside.any()):
+            row = min(int((y0 + y1) / 2 * view.rows), view.rows - 1)
+            col = min(int((x0 + x1) / 2 * view.cols), view.cols - 1)
+            inside[row, col] = True
+        mask[view.first: view.first + view.rows * view.cols] = inside.flatten()
+    return mask
+
+
 class Backbone(ABC):
     """Family-specific glue between the IVT-LR engine and a transformers VLM."""
 
@@ -167,6 +200,13 @@ class Backbone(ABC):
     def image_grid(self, vision: Mapping[str, torch.Tensor], sample: int) -> tuple[int, int]:
         """(rows, cols) of the image-token grid of one sample, for drawing selections."""
         raise NotImplementedError
+
+    def region_views(self, vision: Mapping[str, torch.Tensor], sample: int) -> list[RegionView]:
+        """The sample's image tokens as views of the whole picture, each a row-major grid of consecutive image
+        tokens: where a box in the picture falls among them (:func:`box_token_mask`). Default: one view, the grid of
+        :meth:`image_grid` (families whose processor shows the model the whole picture on one grid)."""
+        rows, cols = self.image_grid(vision, sample)
+        return [RegionView(first=0, rows=rows, cols=cols)]
 
     def processor_view(self, image_processor, image: Image.Image, vision: Mapping[str, torch.Tensor], sample: int
                        ) -> Image.Image:

@@ -114,6 +114,10 @@ class IVTLRCollator:
     `max_length` bounds the collated sequence (prompt with its image tokens, latents, target, EOS): a
     longer sample raises a `ValueError` naming it, or with `skip_too_long` is left out of the batch and
     counted in `skipped_too_long`.
+
+    `step_targets` / `step_regions` add what step and region supervision read (`ivtlr.supervision`): per latent slot
+    the token ids of the written step it replaced (the step's text and its newline), and the region that step reads
+    as fractions of the picture.
     """
 
     def __init__(
@@ -125,8 +129,11 @@ class IVTLRCollator:
         image_size: ImageSize | None = None,
         skip_too_long: bool = False,
         eos_token_id: int | None = None,
+        step_targets: bool = False,
+        step_regions: bool = False,
     ):
         self.processor = processor
+        self.step_targets, self.step_regions = step_targets, step_regions
         self.latent_token_id = latent_token_id
         self.max_length = max_length
         self.image_size = image_size
@@ -152,7 +159,7 @@ class IVTLRCollator:
         return False
 
     def __call__(self, items: Sequence[TrainingItem]) -> dict[str, torch.Tensor]:
-        sequences, labels, prompts = [], [], []
+        sequences, labels, prompts, kept = [], [], [], []
         for item in items:
             prompt = _encode_prompt(self.processor, item.prompt, item.image, self.image_size)
             target = self.target_ids(item.target)
@@ -162,9 +169,45 @@ class IVTLRCollator:
             sequences.append(unlabelled + target)
             labels.append([IGNORE_INDEX] * len(unlabelled) + target)
             prompts.append(prompt)
+            kept.append(item)
         if not sequences:
             raise ValueError(f"every sample of the batch is longer than max_length={self.max_length}")
-        return _batch(sequences, labels, prompts, self.pad_token_id, side="right")
+        batch = _batch(sequences, labels, prompts, self.pad_token_id, side="right")
+        if self.step_targets:
+            batch["step_targets"] = self._step_targets(kept)
+        if self.step_regions:
+            batch["step_regions"] = _step_regions(kept)
+        return batch
+
+    def _step_targets(self, items: Sequence[TrainingItem]) -> torch.Tensor:
+        """(B, S, T): per latent slot, its written step's ids (text, then the newline that ends it), -100 after."""
+        ids = [[self.processor.tokenizer(f"{step}\n", add_special_tokens=False)["input_ids"] if step else []
+                for step in item.latent_steps] for item in items]
+        slots = max((len(item_ids) for item_ids in ids), default=0)
+        width = max((len(step) for item_ids in ids for step in item_ids), default=0)
+        out = torch.full((len(items), slots, width), IGNORE_INDEX, dtype=torch.long)
+        for b, item_ids in enumerate(ids):
+            for slot, step in enumerate(item_ids):
+                out[b, slot, : len(step)] = torch.tensor(step, dtype=torch.long)
+        return out
+
+
+def _step_regions(items: Sequence[TrainingItem]) -> torch.Tensor:
+    """(B, S, 4): per latent slot, its step's box as (x0, y0, x1, y1) fractions of the picture (clipped to it), NaN
+    where it has none. Fractions survive the resize to ``image_size``, which scales the whole picture."""
+    slots = max((len(item.latent_boxes) for item in items), default=0)
+    out = torch.full((len(items), slots, 4), float("nan"))
+    for b, item in enumerate(items):
+        for slot, box in enumerate(item.latent_boxes):
+            if box is None or item.image is None:
+                continue
+            width, height = item.image.size
+            x0, y0, x1, y1 = box
+            fractions = [min(max(x0 / width, 0.0), 1.0), min(max(y0 / height, 0.0), 1.0),
+                         min(max(x1 / width, 0.0), 1.0), min(max(y1 / height, 0.0), 1.0)]
+            if fractions[0] < fractions[2] and fractions[1] < fractions[3]:
+                out[b, slot] = torch.tensor(fractions)
+    return out
 
 
 def build_generation_batch(

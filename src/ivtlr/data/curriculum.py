@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from ..modes import Mode, mode_spec
-from .example import Example, option_letter
+from .example import Box, Example, option_letter
 
 # The two ablations change only what the engine puts in a latent step; their data is IVT-LR's.
 MAX_STEPS = 3
@@ -104,6 +104,10 @@ class TrainingItem:
     prompt: str
     n_latent: int
     target: str
+    #: per latent slot, the written step it replaced (None: it replaced none), for step supervision
+    latent_steps: tuple[str | None, ...] = ()
+    #: per latent slot, the region (pixels) its step reads (None: none known), for region supervision
+    latent_boxes: tuple[Box | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -134,12 +138,17 @@ class Curriculum:
             latents_per_step=self.latents_per_step,
             mode=self.mode,
         )
+        # Slot j belongs to latent step j // latents_per_step, which replaced that written step if it was removed.
+        replaced = [j // self.latents_per_step for j in range(n_latent)]
+        boxes = example.step_boxes or ()
         return TrainingItem(
             id=example.id,
             image=example.image,
             prompt=format_prompt_text(example.question, example.choices),
             n_latent=n_latent,
             target=target_text(steps[removed:], example.answer),
+            latent_steps=tuple(steps[t] if t < removed else None for t in replaced),
+            latent_boxes=tuple(boxes[t] if t < removed and t < len(boxes) else None for t in replaced),
         )
 
 

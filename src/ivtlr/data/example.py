@@ -12,6 +12,9 @@ from PIL import Image
 
 OPTION_LETTERS = string.ascii_uppercase
 
+#: A region of the picture, (x0, y0, x1, y1) in pixels of the image as stored (x right, y down, x0 < x1, y0 < y1).
+Box = tuple[float, float, float, float]
+
 
 @dataclass(frozen=True)
 class Example:
@@ -24,6 +27,9 @@ class Example:
     answer: str
     rationale: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: per reasoning step (the steps ``split_rationale`` makes of ``rationale``), the region of the picture it reads,
+    #: or None for a step that reads none; None when the data names no regions (region supervision uses them)
+    step_boxes: tuple[Box | None, ...] | None = None
 
     @property
     def answer_index(self) -> int:

@@ -9,8 +9,9 @@ is still identifiable, instead of surfacing later as a shape error inside a mode
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ import datasets
 from PIL import Image
 
 from ..errors import DataFileError, MissingDataFileError
-from .example import OPTION_LETTERS, Example, ExampleSequence, decode_image, option_letter
+from .curriculum import split_rationale
+from .example import OPTION_LETTERS, Box, Example, ExampleSequence, decode_image, option_letter
 
 logger = logging.getLogger(__name__)
 
@@ -92,15 +94,44 @@ def _m3cot_example(row: Mapping[str, Any], split: str, row_index: int, use_conte
         "image_id": row.get("image_id"),
         "context": context,
     }
+    rationale = str(row.get("rationale") or "")
     return Example(
         image=None,
         id=_row_id(row, split, row_index),
         question=_with_context(_question(row), context, use_context),
         choices=choices,
         answer=answer,
-        rationale=str(row.get("rationale") or ""),
+        rationale=rationale,
         metadata=metadata,
+        step_boxes=step_boxes(row.get(STEP_BOXES_COLUMN), len(split_rationale(rationale))),
     )
+
+
+#: Optional column of the M3CoT schema: per reasoning step, the box [x0, y0, x1, y1] (pixels) it reads, or null.
+STEP_BOXES_COLUMN = "step_boxes"
+
+
+def step_boxes(cell: Any, n_steps: int) -> tuple[Box | None, ...] | None:
+    """The ``step_boxes`` cell of a row as one box (or None) per reasoning step; None for a row without one."""
+    if cell is None:
+        return None
+    if isinstance(cell, str) or not isinstance(cell, Sequence):
+        raise InvalidExample("step_boxes is not a list", repr(cell)[:60])
+    boxes = list(cell)
+    if len(boxes) != n_steps:
+        raise InvalidExample("step_boxes does not match the steps",
+                             f"{len(boxes)} boxes for the rationale's {n_steps} reasoning steps")
+    parsed: list[Box | None] = []
+    for box in boxes:
+        if box is None:
+            parsed.append(None)
+            continue
+        values = list(box) if isinstance(box, Sequence) and not isinstance(box, str) else []
+        if len(values) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values) \
+                or not (0 <= values[0] < values[2] and 0 <= values[1] < values[3]):
+            raise InvalidExample("bad step box", f"{box!r} is not [x0, y0, x1, y1] with 0 <= x0 < x1, 0 <= y0 < y1")
+        parsed.append(tuple(float(v) for v in values))
+    return tuple(parsed)
 
 
 def _scienceqa_example(row: Mapping[str, Any], split: str, row_index: int, use_context: bool) -> Example:

@@ -97,6 +97,8 @@ class ConditionResult:
     correct: list[bool] = field(default_factory=list)
     n_tokens: list[int] = field(default_factory=list)
     attention: list[tuple[float, float]] = field(default_factory=list)  # (latent rows, patch rows) per question
+    #: the as-trained condition only: each question's fed-back latent rows (n_latent, D), on the CPU
+    latents: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def add(self, example: Example, answer: Answer, attention: torch.Tensor, rule: ExtractionRule) -> None:
         record = prediction_record(example, answer, 0.0, rule)
@@ -168,6 +170,7 @@ def run_probe(model: LoadedModel, examples: Sequence[Example], conditions: Seque
                 for condition, out in zip(donor, outs):
                     _collect(results[condition], batch, out, model, rule)
                     bar.update(len(batch))
+    results[conditions[0]].latents = trained_latents
     return [results[c] for c in conditions]
 
 
@@ -188,8 +191,12 @@ def _collect(result: ConditionResult, batch: list[Example], out, model: LoadedMo
                    rule)
 
 
-def probe_summary(results: Sequence[ConditionResult], run: dict) -> dict:
-    """What ``probe.json`` holds: the run's settings and one summary per condition, as-trained first."""
+def probe_summary(results: Sequence[ConditionResult], run: dict, readback: dict | None = None) -> dict:
+    """What ``probe.json`` holds: the run's settings and one summary per condition, as-trained first; and, when
+    given, what the latents read back as (:func:`ivtlr.evaluation.readback.readback_agreement`)."""
     trained = results[0]
-    return {"run": dict(run), "conditions": [r.summary(trained) for r in results]}
+    summary = {"run": dict(run), "conditions": [r.summary(trained) for r in results]}
+    if readback is not None:
+        summary["readback"] = readback
+    return summary
 

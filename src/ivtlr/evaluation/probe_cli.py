@@ -19,6 +19,7 @@ from .cli import load_eval_examples, load_model, run_label, weights_identity
 from .loading import add_device_argument, add_model_arguments, resolve_device
 from .probe import PROBE_GROUPS, ConditionResult, plan_conditions, probe_summary, run_probe
 from .probe_report import markdown_table, write_probe_outputs
+from .readback import readback_agreement
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="condition groups: count (0..N-1 latent steps), k (K/4, K/2, 2K), text (latent text "
                              "interventions), vision (latent vision interventions); default: all")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise and random-patch draws")
+    parser.add_argument("--read-latents", action="store_true",
+                        help="also decode each latent step's state to text and report how often it is the written "
+                             "step it replaced")
     parser.add_argument("--out", type=Path, default=None, help="output folder")
     add_device_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -65,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
                 "answer_rule": config.eval.answer_rule, "max_new_tokens": config.eval.max_new_tokens,
                 "batch_size": config.eval.batch_size, "seed": args.seed, "device": str(device),
                 "cpu": cpu_model_name(), "wall_seconds": time.perf_counter() - start}
-    summary = probe_summary(results, run_info)
+    readback = readback_agreement(model, list(examples), results[0].latents) if args.read_latents else None
+    summary = probe_summary(results, run_info, readback)
     write_probe_outputs(summary, out)
     write_answers(results, out / "probe_answers.jsonl")
     print(markdown_table(summary))  # noqa: T201 - the command's result

@@ -37,12 +37,30 @@ TABLE_NOTE = ("Each condition answers every question of the split once; the rest
               "rows and to the inserted patch rows.")
 
 
+def readback_table(readback: Mapping) -> str:
+    """Per latent step: how often its state decodes to the written step it replaced, and one example."""
+    lines = ["| latent step | questions | decodes to its written step (%) | written | decoded |",
+             "|---:|---:|---:|---|---|"]
+    for entry in readback["steps"]:
+        shown = entry["examples"][0] if entry["examples"] else {"written": "", "decoded": ""}
+        lines.append(f"| {entry['step']} | {entry['questions']} | {100 * entry['match_rate']:.1f} | "
+                     f"{shown['written']} | {shown['decoded']} |")
+    return "\n".join(lines)
+
+
+READBACK_NOTE = ("What each latent says: the state each latent step fed back, decoded greedily by the language model "
+                 "on its own (no prompt, no image), cut at its first newline, against the written step it replaced.")
+
+
 def markdown_report(summary: Mapping) -> str:
     run = summary["run"]
     head = (f"# Do the latents matter? `ivtlr probe` on {run['model']}\n\n"
             f"{run['questions']} questions of the {run['split']} split, answer rule `{run['answer_rule']}`, seed "
             f"{run['seed']}; {run['wall_seconds']:.0f} s on {run['cpu']} ({run['device']}).\n\n")
-    return f"{head}{markdown_table(summary)}\n\n{TABLE_NOTE}\n\n![probe](probe.png)\n"
+    report = f"{head}{markdown_table(summary)}\n\n{TABLE_NOTE}\n\n![probe](probe.png)\n"
+    if "readback" in summary:
+        report += f"\n## What each latent says\n\n{readback_table(summary['readback'])}\n\n{READBACK_NOTE}\n"
+    return report
 
 
 def plot_probe(summary: Mapping, path: Path) -> None:

@@ -45,6 +45,7 @@ class Answer:
     text: str
     n_tokens: int  # generated ids, EOS included: the paper's "AR steps"
     selected: list[torch.Tensor]  # per latent step, the image-token indices it inserted
+    latents: torch.Tensor | None = None  # (n_latent, D) the rows the latent slots received
 
 
 def generate_answers(model: LoadedModel, examples: Sequence[Example], settings: GenerationSettings
@@ -54,9 +55,10 @@ def generate_answers(model: LoadedModel, examples: Sequence[Example], settings: 
     out = model.engine.generate(**batch, max_new_tokens=settings.max_new_tokens,
                                 return_dict=True)
     answers = []
-    for row, length, selected in zip(out.sequences.tolist(), out.lengths.tolist(), out.selected):
+    for row, length, selected, latents in zip(out.sequences.tolist(), out.lengths.tolist(), out.selected,
+                                              out.latents):
         text = model.tokenizer.decode(row[:length], skip_special_tokens=True)
-        answers.append(Answer(text=text, n_tokens=length, selected=selected))
+        answers.append(Answer(text=text, n_tokens=length, selected=selected, latents=latents))
     return answers, batch
 
 

@@ -183,7 +183,8 @@ class Trainer:
         text_config = components.model.config.get_text_config()
         collator = IVTLRCollator(components.processor, components.latent_token_id, image_size=config.image_size,
                                  max_length=config.max_length or text_config.max_position_embeddings,
-                                 skip_too_long=True)
+                                 skip_too_long=True, step_targets=config.step_supervision > 0,
+                                 step_regions=config.region_supervision > 0)
         run = _Run(self, engine, optimizer, scheduler, components, CurriculumDataset(examples, self.curriculum),
                    collator, progress, checkpoint)
         result = run.epochs()
@@ -266,27 +267,50 @@ class _Run:
         # Backward of sum(token losses) * scale: Accelerate divides by the accumulation count and DDP averages
         # over processes, which leaves the mean over the window's labelled tokens on all processes.
         scale = acc.num_processes * acc.gradient_accumulation_steps / window_tokens
-        totals = torch.zeros(3, device=acc.device)  # summed token loss, samples, latent slots
+        # summed token loss, samples, latent slots; summed step loss, its micro-batches; the same for the region loss
+        totals = torch.zeros(7, device=acc.device)
         for batch, n_tokens in zip(window, tokens):
             # Ids, mask, labels and whatever the family's processor returned: the engine hands the rest to the backbone.
             inputs = {key: value.to(acc.device) for key, value in batch.items()}
             with acc.accumulate(self.engine):
                 output = self.engine(**inputs)
                 token_loss = output.loss * n_tokens
-                acc.backward(token_loss * scale)
+                # The supervision losses are means per micro-batch, averaged over the window (backward divides by the
+                # accumulation count, which the factor undoes) and, under DDP, over processes.
+                supervision = self._supervision_loss(output) * (acc.gradient_accumulation_steps / len(window))
+                acc.backward(token_loss * scale + supervision)
             latents = (inputs["input_ids"] == self.components.latent_token_id).sum()
+            step, region = output.step_loss, output.region_loss
             totals += torch.stack([token_loss.detach().float(), torch.tensor(len(inputs["input_ids"])).to(totals),
-                                   latents.to(totals)])
+                                   latents.to(totals),
+                                   step.detach().float() if step is not None else totals.new_zeros(()),
+                                   totals.new_tensor(float(step is not None)),
+                                   region.detach().float() if region is not None else totals.new_zeros(()),
+                                   totals.new_tensor(float(region is not None))])
         grad_norm = acc.clip_grad_norm_(self.engine.parameters(), self.config.max_grad_norm or math.inf)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad()
-        loss, samples, latents = acc.reduce(totals, "sum").tolist()
+        loss, samples, latents, step_sum, step_count, region_sum, region_count = acc.reduce(totals, "sum").tolist()
         if grad_norm is not None:
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        return {"loss": loss / float(window_tokens), "lr": lr, "grad_norm": grad_norm, "samples": int(samples),
-                "latents": latents / samples}
+        stats = {"loss": loss / float(window_tokens), "lr": lr, "grad_norm": grad_norm, "samples": int(samples),
+                 "latents": latents / samples}
+        if self.config.step_supervision:
+            stats["step_loss"] = step_sum / step_count if step_count else None
+        if self.config.region_supervision:
+            stats["region_loss"] = region_sum / region_count if region_count else None
+        return stats
+
+    def _supervision_loss(self, output) -> torch.Tensor:
+        """The weighted step and region losses of one micro-batch (0 where it has none to give)."""
+        total = output.loss.new_zeros(())
+        if output.step_loss is not None:
+            total = total + self.config.step_supervision * output.step_loss
+        if output.region_loss is not None:
+            total = total + self.config.region_supervision * output.region_loss
+        return total
 
     # ------------------------------------------------------------------------------------------------ saving
     def _save_due(self, epoch: int, epoch_done: bool) -> bool:

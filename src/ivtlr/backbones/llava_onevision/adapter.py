@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
-from ..base import Backbone, Embedded
+from ..base import Backbone, Embedded, RegionView
 from .geometry import AnyresLayout, anyres_layout, stacked_views
 
 
@@ -79,6 +79,14 @@ class LlavaOnevisionBackbone(Backbone):
                 "into one patch grid: resize images to a square no larger than the vision tower's image_size "
                 f"({self.config.vision_config.image_size}), e.g. with image_size in the config")
         return layout.side + layout.rows, layout.side
+
+    def region_views(self, vision, sample):
+        """The base view (the whole picture on ``side x side`` tokens), then the unpadded tile grid (the whole picture
+        again, ``rows x side``): a box covers tokens in both."""
+        self.image_grid(vision, sample)  # the same clear error where the views do not stack
+        layout = self.layout(vision, sample)
+        return [RegionView(first=0, rows=layout.side, cols=layout.side),
+                RegionView(first=layout.base_tokens, rows=layout.rows, cols=layout.cols)]
 
     def processor_view(self, image_processor, image, vision, sample):
         """The base view above the unpadded tile canvas: the grid of :meth:`image_grid` in patch-sized cells."""
