@@ -22,7 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    assert main(["demo", "--quick", "--full", "--out", str(out)]) == 0
     return out, json.loads((out / "report.json").read_text())
 
 
@@ -33,7 +33,8 @@ def predictions(out, variant: str, split: str) -> list[dict]:
 
 def test_report_has_every_variant_with_its_numbers(quick_report):
     out, report = quick_report
-    assert list(report["variants"]) == list(demo_report.VARIANTS)
+    assert list(report["variants"]) == list(demo_report.VARIANTS)  # --full: every variant
+    assert set(demo_report.DEFAULT_VARIANTS) == {"nocot", "cot", "ivtlr", "ivtlr_supervised"}
     assert report["quick"] is True and report["recipe"] == json.loads(json.dumps(asdict(demo.QUICK)))
     for variant, row in report["variants"].items():
         test = predictions(out, variant, "test")
@@ -49,9 +50,8 @@ def test_report_has_every_variant_with_its_numbers(quick_report):
         correct = sum(r["correct"] for r in test)
         assert row["accuracy_ci95"] == pytest.approx(list(demo_report.wilson_interval(correct, len(test))))
         assert row["accuracy_ci95"][0] <= row["accuracy"] <= row["accuracy_ci95"][1]
-    assert set(report["targets"]) == {"ivtlr_accuracy_at_least_cot_minus_1_point",
-                                      "ivtlr_accuracy_at_least_nocot_plus_20_points", "ivtlr_above_latent_text_only",
-                                      "ivtlr_above_latent_vision_only", "ivtlr_ar_steps_at_most_a_quarter_of_cot"}
+    assert set(report["targets"]) == set(demo_report.target_checks(report["variants"], report["probes"]))
+    assert len(report["targets"]) == 9
     assert report["workers"] == 2 and report["cpu"]
 
 
@@ -62,7 +62,7 @@ def test_right_cell_rates_are_recounted_from_the_predictions_and_the_puzzles(qui
     recipe = demo.QUICK
     puzzles = compose_digit_puzzles(seed=0, n_train=recipe.n_train, n_val=recipe.n_val, n_test=recipe.n_test)
     path_of = {p.uid: p.path for p in puzzles["test"]}
-    for variant in ("latent_vision_only", "ivtlr"):
+    for variant in ("latent_vision_only_supervised", "ivtlr", "ivtlr_supervised"):
         records = predictions(out, variant, "test")
         looks = report["variants"][variant]["looked_at_right_cell"]
         assert [look["step"] for look in looks] == [1, 2, 3]
@@ -76,17 +76,17 @@ def test_right_cell_rates_are_recounted_from_the_predictions_and_the_puzzles(qui
             assert look["rate"] == pytest.approx(sum(shares) / len(shares))
     # Chance for step 1 is 4 patches of 16; later steps draw from the patches left.
     assert report["variants"]["ivtlr"]["looked_at_right_cell"][0]["chance"] == pytest.approx(0.25)
-    assert report["variants"]["latent_text_only"]["looked_at_right_cell"] == []
+    assert report["variants"]["latent_text_only_supervised"]["looked_at_right_cell"] == []
     assert report["variants"]["cot"]["looked_at_right_cell"] == []
 
 
 def test_latent_variants_answer_with_latent_steps_and_the_baselines_without(quick_report):
     out, report = quick_report
-    for variant in demo_report.VARIANTS:
+    for variant in report["variants"]:
         summary = json.loads((out / "eval" / variant / "summary_test.json").read_text())
         expected = demo.QUICK.max_latent_stage if variant in demo_report.LATENT_VARIANTS else 0
         assert summary["run"]["n_latent"] == expected
-        assert summary["run"]["num_selected_patches"] == (0 if variant == "latent_text_only"
+        assert summary["run"]["num_selected_patches"] == (0 if demo_report.VARIANT_MODES[variant] == "latent_text_only"
                                                            else demo.QUICK.num_selected_patches)
 
 
@@ -103,10 +103,13 @@ def test_runs_continue_from_the_shared_pretraining_and_stage0_checkpoints(quick_
     assert stage0["mode"] == "cot" and stage0["num_epochs"] == demo.QUICK.stage0_epochs
     assert "/data/reasoning/" in stage0["dataset"]["data_files"]["train"]
     assert f"/runs/{demo.PRETRAIN_RUN}/checkpoints/" in stage0["load_model_path"]
-    for variant in ("cot", *demo_report.LATENT_VARIANTS):
+    supervision = {"ivtlr_supervised": (1.0, 0.5), "latent_text_only_supervised": (1.0, 0.0),
+                   "latent_vision_only_supervised": (0.0, 0.5)}
+    for variant in [v for v in report["variants"] if v != "nocot"]:
         config = yaml.safe_load((out / "runs" / variant / "config.yaml").read_text())
         assert f"/runs/{demo.STAGE0_RUN}/checkpoints/" in config["load_model_path"]
-        assert config["resume"] == demo.QUICK.epochs_per_stage and config["mode"] == variant
+        assert config["resume"] == demo.QUICK.epochs_per_stage and config["mode"] == demo_report.VARIANT_MODES[variant]
+        assert (config["step_supervision"], config["region_supervision"]) == supervision.get(variant, (0.0, 0.0))
         metrics = [json.loads(line) for line in (out / "runs" / variant / "metrics.jsonl").read_text().splitlines()]
         assert sorted({m["stage"] for m in metrics}) == list(range(1, demo.QUICK.max_latent_stage + 1))
     nocot = run_config(out, "nocot")
@@ -128,7 +131,7 @@ def test_markdown_table_matches_the_json(quick_report):
     out, report = quick_report
     markdown = (out / "report.md").read_text().split("## Do the latents matter?")[0]
     rows = [line for line in markdown.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
-    assert len(rows) == len(demo_report.VARIANTS)
+    assert len(rows) == len(report["variants"])
     for line, (variant, row) in zip(rows, report["variants"].items()):
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         assert cells[0] == demo_report.VARIANT_LABELS[variant]
@@ -158,20 +161,37 @@ def test_loss_curve_places_each_step_in_the_whole_schedule(tmp_path):
     assert xs == [5.5, 6.0, 6.5, 7.0] and ys == [1.0, 2.0, 3.0, 4.0]
 
 
-def _rows(ivtlr: dict) -> dict:
-    return {"ivtlr": ivtlr, "cot": dict(accuracy=0.60, ar_steps=40.0), "nocot": dict(accuracy=0.38, ar_steps=7.0),
-            "latent_text_only": dict(accuracy=0.55), "latent_vision_only": dict(accuracy=0.58)}
+def _rows(supervised: dict) -> dict:
+    looks = [{"step": s, "rate": 0.9} for s in (1, 2, 3)]
+    return {"ivtlr_supervised": {"looked_at_right_cell": looks, **supervised},
+            "cot": dict(accuracy=0.84, ar_steps=28.0), "nocot": dict(accuracy=0.37, ar_steps=7.0),
+            "latent_text_only_supervised": dict(accuracy=0.60), "latent_vision_only_supervised": dict(accuracy=0.50)}
 
 
-@pytest.mark.parametrize(("ivtlr", "expected"), [
-    (dict(accuracy=0.59, ar_steps=10.0), [True, True, True, True, True]),
-    (dict(accuracy=0.589, ar_steps=10.0), [False, True, True, True, True]),
-    (dict(accuracy=0.59, ar_steps=10.1), [True, True, True, True, False]),
-    (dict(accuracy=0.57, ar_steps=8.0), [False, False, True, False, True]),
-    (dict(accuracy=0.55, ar_steps=8.0), [False, False, False, False, True]),
+def _probe(donor_changed: float, random_accuracy: float) -> dict:
+    return {"conditions": [{"group": "trained", "text": "trained", "vision": "trained", "accuracy": 0.80},
+                           {"group": "text", "text": "donor", "vision": "trained", "answers_changed": donor_changed,
+                            "accuracy": 0.3},
+                           {"group": "vision", "text": "trained", "vision": "random", "accuracy": random_accuracy,
+                            "answers_changed": 0.2}]}
+
+
+@pytest.mark.parametrize(("supervised", "probe", "failed"), [
+    (dict(accuracy=0.80, ar_steps=7.0), _probe(0.7, 0.65), []),
+    (dict(accuracy=0.749, ar_steps=7.0), _probe(0.7, 0.65), ["accuracy_at_least_75_percent"]),
+    (dict(accuracy=0.73, ar_steps=7.0), _probe(0.7, 0.65),
+     ["accuracy_at_least_75_percent", "at_least_cot_minus_10_points"]),
+    (dict(accuracy=0.80, ar_steps=7.1), _probe(0.59, 0.71),
+     ["ar_steps_at_most_a_quarter_of_cot", "donor_latents_change_60_percent_of_answers",
+      "random_patches_cost_10_points"]),
+    (dict(accuracy=0.59, ar_steps=7.0, looked_at_right_cell=[{"step": 1, "rate": 0.79}]), None,
+     ["accuracy_at_least_75_percent", "at_least_nocot_plus_35_points", "at_least_cot_minus_10_points",
+      "right_cell_at_least_80_percent_every_step", "above_latent_text_only_supervised"]),
 ])
-def test_target_checks(ivtlr, expected):
-    assert list(demo_report.target_checks(_rows(ivtlr)).values()) == expected
+def test_target_checks(supervised, probe, failed):
+    checks = demo_report.target_checks(_rows(supervised), {"ivtlr_supervised": probe} if probe else None)
+    assert sorted(name.removeprefix("supervised_ivtlr_") for name, met in checks.items() if not met) == sorted(failed)
+    assert len(checks) == (9 if probe else 7)
 
 
 def test_wilson_interval_matches_hand_computed_values():
@@ -206,14 +226,20 @@ def test_running_mean():
     assert demo_report.running_mean([2.0, 4.0], 1) == [2.0, 4.0]
 
 
-def test_report_probes_the_ivtlr_checkpoint(quick_report):
-    """The "Do the latents matter?" section: every condition of ``ivtlr probe`` on the validation split, its files."""
+def test_report_probes_the_method_under_both_objectives(quick_report):
+    """The "Do the latents matter?" section: every condition of ``ivtlr probe`` on the validation split, and what
+    the latents read back as, for IVT-LR with and without supervision; their files."""
     out, report = quick_report
-    probe = report["probe"]
     n_latent, k = demo.QUICK.max_latent_stage, demo.QUICK.num_selected_patches
-    assert [row["name"] for row in probe["conditions"]] == [c.name for c in plan_conditions(n_latent, k)]
-    assert probe["conditions"][0]["accuracy"] == pytest.approx(report["variants"]["ivtlr"]["validation_accuracy"])
-    assert all(row["questions"] == demo.QUICK.n_val for row in probe["conditions"])
-    assert {"probe.json", "probe.md", "probe.png"} <= {p.name for p in (out / "probe").iterdir()}
+    assert list(report["probes"]) == list(demo_report.PROBED_VARIANTS)
     section = (out / "report.md").read_text().split("## Do the latents matter?")[1]
-    assert "| as trained (n=3, K=4) |" in section and "](probe/probe.png)" in section
+    for variant, probe in report["probes"].items():
+        assert [row["name"] for row in probe["conditions"]] == [c.name for c in plan_conditions(n_latent, k)]
+        assert probe["conditions"][0]["accuracy"] == \
+            pytest.approx(report["variants"][variant]["validation_accuracy"])
+        assert all(row["questions"] == demo.QUICK.n_val for row in probe["conditions"])
+        assert [step["questions"] for step in probe["readback"]["steps"]] == [demo.QUICK.n_val] * n_latent
+        assert {"probe.json", "probe.md", "probe.png"} <= {p.name for p in (out / "probe" / variant).iterdir()}
+        assert f"### {demo_report.VARIANT_LABELS[variant]}" in section
+        assert f"](probe/{variant}/probe.png)" in section
+    assert "| as trained (n=3, K=4) |" in section and section.count("decodes to its written step") == 2

@@ -257,8 +257,15 @@ def render_puzzle(puzzle: DigitPuzzle, scans: DigitScans, cell_px: int = MERGED_
     return Image.fromarray(canvas)
 
 
-def puzzle_to_row(puzzle: DigitPuzzle, image: Image.Image) -> dict:
-    """One M3CoT-schema row (DESIGN §1.5); the options are the ten digits in order."""
+def cell_box(cell: int, grid: int, cell_px: int) -> list[float]:
+    """A cell's box in the picture's pixels, [x0, y0, x1, y1] (the ``step_boxes`` format)."""
+    row, col = divmod(cell, grid)
+    return [float(col * cell_px), float(row * cell_px), float((col + 1) * cell_px), float((row + 1) * cell_px)]
+
+
+def puzzle_to_row(puzzle: DigitPuzzle, image: Image.Image, cell_px: int = MERGED_PATCH_PX) -> dict:
+    """One M3CoT-schema row (DESIGN §1.5); the options are the ten digits in order. ``step_boxes`` (the schema's
+    optional region column) holds the box of the cell each rationale step reads."""
     return {
         "id": puzzle.uid,
         "category": f"digit-grid-{puzzle.grid}x{puzzle.grid}",
@@ -272,6 +279,7 @@ def puzzle_to_row(puzzle: DigitPuzzle, image: Image.Image) -> dict:
         "image": image,
         "domain": DOMAIN_OF_KIND[puzzle.kind],
         "topic": puzzle.kind,
+        "step_boxes": [cell_box(cell, puzzle.grid, cell_px) for cell in puzzle.step_cells],
     }
 
 
@@ -294,7 +302,7 @@ def build_digit_reasoning(
 def puzzle_rows(puzzles: dict[str, list[DigitPuzzle]], cell_px: int = MERGED_PATCH_PX) -> dict[str, list[dict]]:
     """Composed puzzles drawn and turned into M3CoT-schema rows, per split."""
     scans = load_digit_scans()
-    return {split: [puzzle_to_row(p, render_puzzle(p, scans, cell_px)) for p in split_puzzles]
+    return {split: [puzzle_to_row(p, render_puzzle(p, scans, cell_px), cell_px) for p in split_puzzles]
             for split, split_puzzles in puzzles.items()}
 
 
@@ -315,6 +323,7 @@ def m3cot_features() -> Features:
             "image": ImageFeature(),
             "domain": text,
             "topic": text,
+            "step_boxes": SequenceFeature(SequenceFeature(Value("float32"))),
         }
     )
 

@@ -11,8 +11,13 @@ evaluation harness. Runs build on each other through ``load_model_path`` (and ``
 
 1. visual pre-training: read the digit in one named cell. The methods compared start from a VLM that can already see;
    a random tiny model cannot. Every variant, No-CoT included, starts from it.
-2. stage 0 of the curriculum (the written rationale) is shared by CoT and the three latent variants; each continues
-   from its checkpoint at the first epoch of stage 1. No-CoT trains as many epochs from the pre-trained model.
+2. stage 0 of the curriculum (the written rationale) is shared by CoT and the latent variants; each continues from its
+   checkpoint at the first epoch of stage 1. No-CoT trains as many epochs from the pre-trained model.
+
+The latent variants are IVT-LR under the paper's objective and IVT-LR with step and region supervision
+(``ivtlr.supervision``), which trains two epochs per latent stage; ``--full`` adds the two ablations (latent text only,
+latent vision only) under either objective. IVT-LR with and without supervision is probed (``ivtlr probe
+--read-latents``) in its worker, overlapping the other runs.
 
 Independent runs go to parallel worker processes (one per core by default, one thread each: on small CPUs that beats
 one run on every core), each training and then evaluating its run. Nothing is chosen on the test split: the recipe
@@ -44,10 +49,11 @@ from ..data.curriculum import format_prompt_text, split_rationale, target_text
 from ..data.example import option_letter
 from ..data.digits import (DIGIT_CHOICES, FOLLOW_POINTERS, MERGED_PATCH_PX, READ_CELL, DigitPuzzle,
                         compose_digit_puzzles, write_digit_reasoning, write_puzzles)
-from .report import VARIANT_LABELS, VARIANTS
+from .report import DEFAULT_VARIANTS, PROBED_VARIANTS, VARIANT_LABELS, VARIANT_MODES, VARIANTS
 from ..evaluation import GenerationSettings, evaluate, evaluation_summary, load_checkpoint_model
 from ..evaluation.probe import plan_conditions, probe_summary, run_probe
 from ..evaluation.probe_report import write_probe_outputs
+from ..evaluation.readback import readback_agreement
 from ..explain import save_selection_png
 from ..files import write_text_atomically
 from ..inference import answer_question
@@ -85,11 +91,14 @@ class DemoRecipe:
     pretrain_epochs: int
     stage0_epochs: int  # written-rationale epochs shared by CoT and the latent variants
     epochs_per_stage: int  # epochs of each latent stage 1..max_latent_stage (CoT keeps training as long)
+    supervised_epochs_per_stage: int  # the same for the supervised variants
     max_latent_stage: int  # every reasoning step latent in the last stage
     batch_size: int
     lr: float
     warmup_steps: int
     num_selected_patches: int  # K: one digit cell per latent step
+    step_supervision: float  # weights of the supervised variants' losses (ivtlr.supervision)
+    region_supervision: float
     # Evaluation.
     eval_batch_size: int
     max_new_tokens: int
@@ -113,12 +122,14 @@ class DemoRecipe:
 FULL = DemoRecipe(n_train=2000, n_val=300, n_test=1000, grid=2, cell_px=56, hidden_size=128, num_layers=2,
                   num_heads=4, num_kv_heads=4, intermediate_size=256, vocab_size=600, initializer_range=0.02,
                   n_pretrain=2000, reading_warmup_share=0.5, pretrain_epochs=5, stage0_epochs=4, epochs_per_stage=1,
+                  supervised_epochs_per_stage=2,
                   max_latent_stage=3, batch_size=16, lr=1e-3, warmup_steps=50, num_selected_patches=4,
-                  eval_batch_size=100, max_new_tokens=48, n_explained=4)
+                  step_supervision=1.0, region_supervision=0.5, eval_batch_size=100, max_new_tokens=48,
+                  n_explained=4)
 #: A smoke run of the whole pipeline (the test suite's): every variant, one epoch per stage, a handful of questions.
 QUICK = replace(FULL, n_train=16, n_val=8, n_test=8, hidden_size=32, intermediate_size=64, num_heads=2,
                 num_kv_heads=2, vocab_size=400, n_pretrain=16, pretrain_epochs=1, stage0_epochs=1, epochs_per_stage=1,
-                batch_size=8, warmup_steps=0, eval_batch_size=8, n_explained=2)
+                supervised_epochs_per_stage=1, batch_size=8, warmup_steps=0, eval_batch_size=8, n_explained=2)
 
 
 # ---------------------------------------------------------------------------------------------------- building blocks
@@ -229,6 +240,8 @@ class DemoJob:
     eval_dir: Path | None = None
     eval_batch_size: int = 1
     max_new_tokens: int = 1
+    probe_dir: Path | None = None  # where ``ivtlr probe`` of its checkpoint (validation split) goes, if probed
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -236,20 +249,40 @@ class JobResult:
     name: str
     checkpoint: str
     train_seconds: float
-    eval_seconds: float
+    eval_seconds: float  # evaluation and probe
     started: float  # time.time() at the job's start and end, for the phase timings
     finished: float
     summaries: dict[str, dict]
+    probe: dict | None = None
 
 
 #: CPU time of one optimizer step relative to a written-rationale one (reading and No-CoT sequences are shorter;
 #: latent steps add passes), as measured in the full recipe; and of answering one question, in the same unit.
 _STEP_COST = {"reading": 0.7, "cot": 1.0, "nocot": 0.75, "latent_text_only": 1.3, "latent_vision_only": 1.3,
-              "ivtlr": 1.3}
+              "ivtlr": 1.3, "latent_text_only_supervised": 1.4, "latent_vision_only_supervised": 1.4,
+              "ivtlr_supervised": 1.5}
 _QUESTION_COST = 0.03
+#: Probe answers (every condition of the validation split) cost less than evaluated questions: one prompt pass serves
+#: every condition at the trained number of latent steps.
+_PROBE_ANSWER_COST = 0.01
 
 
-def plan_jobs(recipe: DemoRecipe, model_dir: Path, data: DemoData, out: Path, seed: int) -> dict[str, DemoJob]:
+def supervision_keys(recipe: DemoRecipe, variant: str) -> dict[str, float]:
+    """The supervision a variant trains with: for a ``*_supervised`` variant, the losses that apply to its mode
+    (the step loss needs latent text, the region loss latent vision)."""
+    if not variant.endswith("_supervised"):
+        return {}
+    mode = VARIANT_MODES[variant]
+    keys = {}
+    if mode != "latent_vision_only":
+        keys["step_supervision"] = recipe.step_supervision
+    if mode != "latent_text_only":
+        keys["region_supervision"] = recipe.region_supervision
+    return keys
+
+
+def plan_jobs(recipe: DemoRecipe, model_dir: Path, data: DemoData, out: Path, seed: int,
+              variants: Sequence[str] = DEFAULT_VARIANTS) -> dict[str, DemoJob]:
     """Every run, parents before children: pre-training, stage 0, No-CoT, then CoT and the latent variants."""
     common = dict(model_dir=model_dir, runs_dir=out / "runs", seed=seed)
     evaluation = dict(eval_batch_size=recipe.eval_batch_size, max_new_tokens=recipe.max_new_tokens)
@@ -260,8 +293,12 @@ def plan_jobs(recipe: DemoRecipe, model_dir: Path, data: DemoData, out: Path, se
             steps_per_epoch: int = steps_per_epoch, **eval_keys) -> DemoJob:
         steps = steps_per_epoch * (config.num_epochs - config.resume)
         questions = sum(split_sizes[split] for split in eval_keys.get("eval_splits", ()))
+        probed = name in PROBED_VARIANTS
+        probe_answers = len(plan_conditions(recipe.max_latent_stage, recipe.num_selected_patches)) * recipe.n_val
         return DemoJob(name, config, parent, first_epoch, steps, steps * _STEP_COST[cost_kind]
-                       + questions * _QUESTION_COST, label, eval_dir=out / "eval" / name, **evaluation, **eval_keys)
+                       + questions * _QUESTION_COST + probed * probe_answers * _PROBE_ANSWER_COST, label,
+                       eval_dir=out / "eval" / name, probe_dir=out / "probe" / name if probed else None, seed=seed,
+                       **evaluation, **eval_keys)
 
     reasoning_eval = dict(eval_data=data.reasoning, eval_splits=("validation", "test"))
     jobs = {
@@ -280,12 +317,16 @@ def plan_jobs(recipe: DemoRecipe, model_dir: Path, data: DemoData, out: Path, se
                                          **common),
                      PRETRAIN_RUN, 0, "nocot", VARIANT_LABELS["nocot"], **reasoning_eval),
     }
-    # The method first: on two workers it then never waits for the last slot.
-    for variant in ("ivtlr", "cot", "latent_text_only", "latent_vision_only"):
+    # The method first (the costliest continuations): on two workers it then never waits for the last slot.
+    order = ("ivtlr_supervised", "ivtlr", "cot", "latent_text_only_supervised", "latent_vision_only_supervised",
+             "latent_text_only", "latent_vision_only")
+    for variant in (v for v in order if v in variants):
         # Stage 0 ran in its own run (its length is its own): a continuation starts at the first epoch of stage 1,
         # ``resume = epochs_per_stage``, and trains every latent stage.
-        config = run_config(recipe, name=variant, mode=variant, data_files=data.reasoning,
-                            resume=recipe.epochs_per_stage, **common)
+        schedule = replace(recipe, epochs_per_stage=recipe.supervised_epochs_per_stage) \
+            if variant.endswith("_supervised") else recipe
+        config = run_config(schedule, name=variant, mode=VARIANT_MODES[variant], data_files=data.reasoning,
+                            resume=schedule.epochs_per_stage, **common, **supervision_keys(recipe, variant))
         jobs[variant] = job(variant, config, STAGE0_RUN, recipe.stage0_epochs, variant, VARIANT_LABELS[variant],
                             **reasoning_eval)
     return jobs
@@ -329,19 +370,21 @@ def evaluate_checkpoint(checkpoint: Path, data_files: Mapping[str, str], splits:
 
 
 def probe_checkpoint(checkpoint: Path, data_files: Mapping[str, str], split: str, out_dir: Path, *, batch_size: int,
-                     max_new_tokens: int, seed: int) -> dict:
-    """``ivtlr probe`` of one checkpoint on one split: every condition group; writes probe.json/md/png."""
+                     max_new_tokens: int, seed: int, progress: bool = True) -> dict:
+    """``ivtlr probe --read-latents`` of one checkpoint on one split: every condition group, and what the latents
+    read back as; writes probe.json/md/png."""
     model = load_checkpoint_model(checkpoint, torch.device("cpu"))
     examples = list(load_examples("m3cot", split, data_files=dict(data_files)))
     n_latent, k = model.n_latent(None), model.engine.num_selected_patches
     start = time.perf_counter()
     results = run_probe(model, examples, plan_conditions(n_latent, k), batch_size=batch_size,
-                        max_new_tokens=max_new_tokens, image_size=model.image_size, seed=seed)
+                        max_new_tokens=max_new_tokens, image_size=model.image_size, seed=seed, progress=progress)
     run_info = {"model": f"checkpoint {checkpoint}", "mode": model.mode, "n_latent": n_latent,
                 "num_selected_patches": k, "split": split, "questions": len(examples), "answer_rule": "original",
                 "max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed, "device": "cpu",
                 "cpu": cpu_model_name(), "wall_seconds": time.perf_counter() - start}
-    summary = probe_summary(results, run_info)
+    readback = readback_agreement(model, examples, results[0].latents)
+    summary = probe_summary(results, run_info, readback)
     write_probe_outputs(summary, out_dir)
     return summary
 
@@ -373,8 +416,14 @@ def _train_and_evaluate(job: DemoJob, parent_checkpoint: str | None, threads: in
         summaries = evaluate_checkpoint(checkpoint, job.eval_data, job.eval_splits, job.eval_dir,
                                         batch_size=job.eval_batch_size, max_new_tokens=job.max_new_tokens,
                                         progress=False)
+    probe = None
+    if job.probe_dir is not None:  # here, so that it overlaps the training of the other runs
+        probe = probe_checkpoint(checkpoint, job.eval_data, "validation", job.probe_dir,
+                                 batch_size=job.eval_batch_size, max_new_tokens=job.max_new_tokens, seed=job.seed,
+                                 progress=False)
     finished = time.time()
-    return JobResult(job.name, str(checkpoint), trained - started, finished - trained, started, finished, summaries)
+    return JobResult(job.name, str(checkpoint), trained - started, finished - trained, started, finished, summaries,
+                     probe)
 
 
 _POLL_SECONDS = 1.0
@@ -476,14 +525,16 @@ EXPLAIN_STEP_COLORS = ("black", "magenta", "cyan")
 
 def explain_questions(checkpoint: Path, data: DemoData, count: int, out_dir: Path) -> list[Path]:
     """Draw, for the first ``count`` test questions, the image cells each latent step of the model inserted, each
-    step labelled with the cell its written counterpart reads."""
+    step labelled with the cell its written counterpart reads and what its latent state decodes to."""
     model = load_checkpoint_model(checkpoint, torch.device("cpu"))
     examples = load_examples("m3cot", "test", data_files=data.reasoning, limit=count)
     paths = []
     for example in examples:
         puzzle = data.puzzles[example.id]
-        result = answer_question(model, example.image, example.question, example.choices)
+        result = answer_question(model, example.image, example.question, example.choices, read_back=True)
+        said = result.latent_texts or []
         labels = [f"step {step + 1}: reads {puzzle.colours[cell]} ({puzzle.digits[cell]})"
+                  + (f"; says \"{said[step]}\"" if step < len(said) else "")
                   for step, cell in enumerate(puzzle.path)]
         title = f"{example.question} answered {result.answer or '-'}, gold {example.answer}"
         path = out_dir / f"{example.id}.png"
@@ -503,6 +554,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="smoke run of the whole pipeline in well under a minute (tiny data, 1 epoch per stage)")
     parser.add_argument("--out", type=Path, default=Path("ivtlr_demo"), help="report folder (default: ivtlr_demo)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the model and the training order")
+    parser.add_argument("--full", action="store_true",
+                        help="also train the ablations: latent text only and latent vision only, under the paper's "
+                             "objective and with the supervision that applies to each (about twice the demo's time)")
     parser.add_argument("--workers", type=int, default=None,
                         help="runs trained in parallel processes (default: one per core, at most 2)")
 
@@ -515,13 +569,15 @@ def run(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers is not None else max(1, min(2, cores))
     if workers < 1:
         raise SystemExit(f"--workers must be at least 1, got {workers}")
-    report = run_demo(recipe, args.out, seed=args.seed, quick=args.quick, workers=workers, cores=cores)
+    variants = VARIANTS if args.full else DEFAULT_VARIANTS
+    report = run_demo(recipe, args.out, seed=args.seed, quick=args.quick, workers=workers, cores=cores,
+                      variants=variants)
     print(report_lib.results_table(report))  # noqa: T201 - the command's result
     return 0
 
 
 def run_demo(recipe: DemoRecipe, out: Path, *, seed: int = 0, quick: bool = False, workers: int = 2,
-             cores: int = 2) -> dict:
+             cores: int = 2, variants: Sequence[str] = DEFAULT_VARIANTS) -> dict:
     """Data -> base model -> pre-training -> stage 0 and No-CoT -> every variant (parallel where independent) ->
     evaluation -> report files; returns the report."""
     started = time.time()
@@ -530,13 +586,13 @@ def run_demo(recipe: DemoRecipe, out: Path, *, seed: int = 0, quick: bool = Fals
     out.mkdir(parents=True, exist_ok=True)
     data = write_data(recipe, out / "data", seed)
     model_dir = build_base_model(recipe, tokenizer_corpus(data), out / "base_model", seed)
-    jobs = plan_jobs(recipe, model_dir, data, out, seed)
+    jobs = plan_jobs(recipe, model_dir, data, out, seed, variants)
     setup_done = time.time()
     results = JobScheduler(jobs, workers, cores).run()
     training_done = time.time()
 
     rows = {}
-    for variant in VARIANTS:
+    for variant in (v for v in VARIANTS if v in variants):
         records = report_lib.read_records(out / "eval" / variant / "predictions_test.jsonl")
         summaries = results[variant].summaries
         rows[variant] = report_lib.variant_row(records, summaries["test"], summaries["validation"],
@@ -545,15 +601,12 @@ def run_demo(recipe: DemoRecipe, out: Path, *, seed: int = 0, quick: bool = Fals
                                                     job.config.resume) for job in jobs.values()}
     stage_starts = [recipe.stage0_epochs + recipe.epochs_per_stage * s for s in range(recipe.max_latent_stage)]
     curve_path = report_lib.plot_training_curves(curves, stage_starts, out / "training_curve.png")
-    explained = explain_questions(Path(results["ivtlr"].checkpoint), data, recipe.n_explained, out / "explain")
-    probe_started = time.time()
-    probe = probe_checkpoint(Path(results["ivtlr"].checkpoint), data.reasoning, "validation", out / "probe",
-                             batch_size=recipe.eval_batch_size, max_new_tokens=recipe.max_new_tokens, seed=seed)
-    probe_seconds = time.time() - probe_started
+    explained = explain_questions(Path(results["ivtlr_supervised"].checkpoint), data, recipe.n_explained,
+                                  out / "explain")
+    probes = {variant: results[variant].probe for variant in PROBED_VARIANTS}
     phases = {"data and base model": setup_done - started}
     phases.update({jobs[name].label: result.finished - result.started for name, result in results.items()})
-    phases["probe of IVT-LR"] = probe_seconds
-    phases["report"] = time.time() - training_done - probe_seconds
+    phases["report"] = time.time() - training_done
     report = {"quick": quick, "seed": seed, "cpu": cpu_model_name(), "workers": workers,
               "threads_per_worker": max(1, cores // workers), "wall_seconds": time.time() - started,
               "phase_seconds": phases, "recipe": asdict(recipe),
@@ -561,11 +614,11 @@ def run_demo(recipe: DemoRecipe, out: Path, *, seed: int = 0, quick: bool = Fals
                               results[PRETRAIN_RUN].summaries["validation"]["overall"]["accuracy"],
                               "train_seconds": results[PRETRAIN_RUN].train_seconds},
               "stage0_seconds": results[STAGE0_RUN].train_seconds, "variants": rows,
-              "targets": report_lib.target_checks(rows),
+              "targets": report_lib.target_checks(rows, probes),
               "checkpoints": {name: result.checkpoint for name, result in results.items()},
-              "probe": probe,
+              "probes": probes,
               "files": {"training_curve": curve_path.name, "explain": [str(p.relative_to(out)) for p in explained],
-                        "probe": "probe/probe.png"}}
+                        "probes": {variant: f"probe/{variant}/probe.png" for variant in probes}}}
     write_text_atomically(out / "report.json", json.dumps(report, indent=2) + "\n")
     write_text_atomically(out / "report.md", report_lib.markdown_report(report))
     logger.info("demo report written to %s (report.md, report.json, %s, %d explain pictures) in %s",
