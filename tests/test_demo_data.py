@@ -19,10 +19,11 @@ from ivtlr.data.digits import (
     compose_digit_puzzles,
     write_digit_reasoning,
 )
+from ivtlr.data.curriculum import split_rationale
 
 M3COT_FIELDS = {
     "id", "category", "image_id", "question", "choices", "context", "answer", "rationale", "split", "image",
-    "domain", "topic",
+    "domain", "topic", "step_boxes",  # the schema's optional column: the cell each step reads
 }
 SMALL = dict(n_train=24, n_val=6, n_test=12)
 LETTERS = "ABCDEFGHIJ"
@@ -54,7 +55,20 @@ def test_rows_have_exactly_the_m3cot_schema():
             assert row["split"] == split and row["context"] == ""
             assert row["choices"] == [str(d) for d in range(10)] and row["answer"] in LETTERS
             assert row["topic"] == FOLLOW_POINTERS and row["image"].mode == "RGB"
+            assert_boxes_frame_the_cells_the_steps_name(row)
     assert len({row["id"] for split_rows in rows.values() for row in split_rows}) == 42
+
+
+def assert_boxes_frame_the_cells_the_steps_name(row: dict) -> None:
+    """Each step's box is one whole cell, of the colour the step names (read off the picture's pixels)."""
+    steps = split_rationale(row["rationale"])
+    pixels = np.asarray(row["image"])
+    assert len(row["step_boxes"]) == len(steps)
+    for step, (x0, y0, x1, y1) in zip(steps, row["step_boxes"]):
+        colour = re.search(r"in the (\w+) cell", step).group(1)
+        assert x1 - x0 == y1 - y0 == pixels.shape[0] // 2  # a 2x2 grid
+        assert tuple(pixels[int(y0) + 1, int(x0) + 1]) == PALETTE[colour]
+        assert tuple(pixels[int(y1) - 2, int(x1) - 2]) == PALETTE[colour]
 
 
 def test_same_seed_gives_identical_rows_and_pixels():

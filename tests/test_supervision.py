@@ -14,8 +14,8 @@ from ivtlr import IVTLR
 from ivtlr.backbones import RegionView, box_token_mask, get_backbone
 from ivtlr.supervision import decode_latent_states
 from ivtlr.testing import FAMILIES, build_tiny
+from test_engine import MIXED, QUESTION, _assert_grads_close
 
-QUESTION = "Which digit is written in the top left corner of this image?"
 K = 3
 
 
@@ -62,17 +62,6 @@ def _step_with(engine: IVTLR, batch: dict, recompute: bool, **supervision):
     engine.zero_grad()
     engine.recompute = False
     return out, grads
-
-
-def _assert_grads_close(got: dict, want: dict, rel: float = 1e-3):
-    assert got.keys() == want.keys() and want
-    floor = 1e-5 * max(float(w.norm()) for w in want.values())
-    for name in want:
-        scale = float(want[name].norm())
-        if scale < floor:
-            assert float(got[name].norm()) < 10 * floor, name
-            continue
-        assert float((got[name] - want[name]).norm()) / scale < rel, name
 
 
 # ------------------------------------------------------------------------------------------------ step loss
@@ -196,14 +185,6 @@ def test_cached_matches_recompute_with_supervision(bundle, latent_grad):
     assert torch.allclose(cached.region_losses, ref.region_losses, atol=1e-4)
     assert len(cached.region_losses) == 2 and len(cached.step_losses) == 3
     _assert_grads_close(cached_grads, ref_grads)
-
-
-MIXED = [
-    SampleSpec("What is in the picture?", 3, image_size=(112, 112), seed=1),
-    SampleSpec(QUESTION, 1, answer="Therefore, the answer is A", image_size=(56, 84), seed=2),
-    SampleSpec("Count?", 0, image_size=(84, 56), seed=3),
-    SampleSpec("What colour is the background here?", 2, image_size=(56, 56), seed=4),
-]
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
