@@ -22,10 +22,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 
 from .backbones import Backbone, RegionView, box_token_mask
-from .chain import IGNORE_INDEX
+from .chain import IGNORE_INDEX, real_rows_mask
 
 
 @dataclass
@@ -89,26 +90,19 @@ def step_decode_losses(backbone: Backbone, states: list[torch.Tensor], targets: 
     positions from 0, no image and no prompt. Returns (len(states),)."""
     if not states:
         return torch.zeros(0)
-    device, dtype = states[0].device, states[0].dtype
+    dtype = states[0].dtype
     embed = backbone.input_embeddings()
-    lengths = [len(t) for t in targets]  # the state, then every step token but the last
-    width = max(lengths)
-    rows = []
-    for state, tokens in zip(states, targets):
-        parts = [state.unsqueeze(0).to(dtype), embed(tokens[:-1].unsqueeze(0))[0].to(dtype)]
-        row = torch.cat(parts)
-        rows.append(F.pad(row, (0, 0, 0, width - row.shape[0])))
-    embeds = torch.stack(rows)
-    lengths_t = torch.tensor(lengths, device=device)
-    mask = (torch.arange(width, device=device) < lengths_t[:, None]).long()
+    # Each row: the state, then every step token but the last; right-padded like the chain's own chunks.
+    rows = [torch.cat([state.unsqueeze(0).to(dtype), embed(tokens[:-1].unsqueeze(0))[0].to(dtype)])
+            for state, tokens in zip(states, targets)]
+    embeds = pad_sequence(rows, batch_first=True)
+    mask = real_rows_mask(torch.tensor([len(t) for t in targets], device=embeds.device), embeds.shape[1])
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     positions = positions.unsqueeze(0).expand(backbone.position_rows, -1, -1)
     decoder_mask = None if bool(mask.all()) else mask
     hidden = backbone.run_decoder(embeds, decoder_mask, positions, cache=None).last_hidden_state
     logits = backbone.logits(hidden).float()
-    labels = torch.full((len(states), width), IGNORE_INDEX, dtype=torch.long, device=device)
-    for i, tokens in enumerate(targets):
-        labels[i, : len(tokens)] = tokens
+    labels = pad_sequence(list(targets), batch_first=True, padding_value=IGNORE_INDEX)
     per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
                                 reduction="none").view(labels.shape)
     counts = (labels != IGNORE_INDEX).sum(-1).clamp(min=1)
