@@ -60,13 +60,15 @@ class ChainRunner:
     """Runs decoder passes over a batch of :class:`SampleState` and keeps the cache and key mask.
 
     ``cached=False`` re-runs each sample's whole history at every pass (used under gradient checkpointing,
-    which cannot keep a cache in the autograd graph).
+    which cannot keep a cache in the autograd graph). ``vision_bottleneck``: rows after a sample's prompt do not
+    attend to the prompt's image rows (:func:`bottleneck_mask`); the attention rows that rank patches still see them.
     """
 
     def __init__(self, backbone: Backbone, recorder: AttentionRowRecorder, states: list[SampleState],
-                 cached: bool, dtype: torch.dtype, device: torch.device):
+                 cached: bool, dtype: torch.dtype, device: torch.device, vision_bottleneck: bool = False):
         self.backbone, self.recorder, self.states = backbone, recorder, states
         self.cached, self.dtype, self.device = cached, dtype, device
+        self.vision_bottleneck = vision_bottleneck
         self.cache = DynamicCache(config=backbone.decoder().config) if cached else None
         self.key_mask = torch.zeros(len(states), 0, dtype=torch.long, device=device)
 
@@ -92,6 +94,9 @@ class ChainRunner:
             # Without padding anywhere the causal pattern is all a mask would say: the model's own mask-free path
             # (no mask to build, and sdpa's causal or unmasked kernels) computes the same numbers.
             decoder_mask = None if bool(full_mask.all()) else full_mask
+            if self.vision_bottleneck:
+                decoder_mask = bottleneck_mask(full_mask, embeds.shape[1], [st.segments[0] for st in self.states],
+                                               self.dtype)
             with torch.set_grad_enabled(grad):
                 out = self.backbone.run_decoder(embeds, decoder_mask, positions, self.cache,
                                                 row_features=packed.features, visual=packed.visual)
@@ -117,6 +122,7 @@ class ChainRunner:
         twin = ChainRunner.__new__(ChainRunner)
         twin.backbone, twin.recorder, twin.cached, twin.dtype, twin.device = \
             self.backbone, self.recorder, True, self.dtype, self.device
+        twin.vision_bottleneck = self.vision_bottleneck
         twin.states = [SampleState(segments=list(st.segments), next_position=st.next_position) for st in self.states]
         twin.cache = copy.deepcopy(self.cache)
         twin.key_mask = self.key_mask.clone()
@@ -137,6 +143,27 @@ class PackedChunk:
     mask: torch.Tensor  # (B, W) 1 at real rows
     features: torch.Tensor | None  # (B, W, *F) per-row visual features, zeros elsewhere; None if no row has any
     visual: torch.Tensor | None  # (B, W) bool image-token rows; None if there are none or no row has features
+
+
+def bottleneck_mask(key_mask: torch.Tensor, width: int, prompts: list[Segment], dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, width, Lk) additive mask of one pass whose ``width`` query rows are the last columns of ``key_mask``
+    (B, Lk; 1 at real keys): causal over the physical columns, padding masked, and no row after a sample's prompt
+    (``prompts[b]``, always its first segment, at column 0) attending to the prompt's image rows. Under this "vision
+    bottleneck" what a latent step inserts is the only way later rows see the picture."""
+    lk = key_mask.shape[1]
+    device = key_mask.device
+    query_cols = torch.arange(lk - width, lk, device=device)
+    key_cols = torch.arange(lk, device=device)
+    allowed = key_mask.bool()[:, None, :] & (key_cols[None, None, :] <= query_cols[None, :, None])
+    image = torch.zeros(key_mask.shape, dtype=torch.bool, device=device)
+    for b, prompt in enumerate(prompts):
+        if prompt.visual is not None:
+            image[b, : prompt.length] = prompt.visual
+    prompt_ends = torch.tensor([prompt.length for prompt in prompts], device=device)
+    after_prompt = query_cols[None, :] >= prompt_ends[:, None]  # (B, width)
+    allowed &= ~(after_prompt[:, :, None] & image[:, None, :])
+    blocked = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return blocked.unsqueeze(1)
 
 
 def real_rows_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:

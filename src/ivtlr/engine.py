@@ -46,13 +46,16 @@ class IVTLR(nn.Module):
         latent_text: feed the hidden state back into each latent slot (IVT-LR). ``False`` keeps the
             ``<|latent|>`` token's own embedding there: the "latent vision only" ablation. ``num_selected_patches=0``
             is the other ablation, latent text only (Coconut).
+        vision_bottleneck: rows after the prompt do not attend to the prompt's image rows, only to the patches the
+            latent steps insert (the first latent state still reads the whole picture; the patch ranking still
+            scores every image row). Off by default, as in the paper; cached chain only (sdpa or eager attention).
     """
 
     def __init__(self, model: nn.Module, latent_token_id: int, *, num_selected_patches: int | None = None,
                  latent_grad: str = "detach", positions: str = "original", patch_order: str = "position",
                  recompute: bool = False, eos_token_id: int | list[int] | None = None,
                  pad_token_id: int | None = None, start_latent_id: int | None = None,
-                 end_latent_id: int | None = None, latent_text: bool = True):
+                 end_latent_id: int | None = None, latent_text: bool = True, vision_bottleneck: bool = False):
         super().__init__()
         if latent_grad not in LATENT_GRAD_MODES:
             raise ValueError(f"latent_grad must be one of {LATENT_GRAD_MODES}, got {latent_grad!r}")
@@ -72,6 +75,10 @@ class IVTLR(nn.Module):
         self.num_selected_patches = int(k)
         self.latent_grad, self.positions, self.patch_order = latent_grad, positions, patch_order
         self.recompute, self.latent_text = recompute, latent_text
+        self.vision_bottleneck = bool(vision_bottleneck)
+        if self.vision_bottleneck and "flash" in self.backbone.attn_implementation:
+            raise ValueError("the vision bottleneck masks keys per query row, which flash attention kernels cannot "
+                             "take: load the model with attn_implementation='sdpa' or 'eager'")
         eos = eos_token_id if eos_token_id is not None else self.backbone.eos_token_id
         self.eos_token_ids = set([eos] if isinstance(eos, int) else (eos or []))
         self.pad_token_id = pad_token_id if pad_token_id is not None else \
@@ -110,6 +117,8 @@ class IVTLR(nn.Module):
         supervision = supervision if supervision.active else None
         if self.recompute and not intervention.is_identity:
             raise ValueError("interventions run on the cached chain; build the engine with recompute=False")
+        if self.recompute and self.vision_bottleneck:
+            raise ValueError("the vision bottleneck runs on the cached chain; build the engine with recompute=False")
         if self.recompute:
             from .recompute import recompute_forward
 
@@ -134,7 +143,8 @@ class IVTLR(nn.Module):
             self.recorder.differentiable = False
         if defer_final:
             final_pass = ChainRunner(self.backbone, self.recorder, runner.states, cached=False,
-                                     dtype=runner.dtype, device=runner.device)
+                                     dtype=runner.dtype, device=runner.device,
+                                     vision_bottleneck=self.vision_bottleneck)
             final_pass.run([None] * len(layouts), query=False, grad=True)
         return self.builder.assemble(runner.states, selected, labels is not None,
                                      layouts if supervision is not None else None)
@@ -241,7 +251,7 @@ class IVTLR(nn.Module):
         prompts, next_start = self.builder.prompt_segments(layouts, vision)
         states = [SampleState(next_position=int(p)) for p in next_start]
         runner = ChainRunner(self.backbone, self.recorder, states, cached=cached, dtype=layouts[0].embeds.dtype,
-                             device=layouts[0].ids.device)
+                             device=layouts[0].ids.device, vision_bottleneck=self.vision_bottleneck)
         return runner, runner.run(prompts, query=query, grad=grad)
 
     def _latent_passes(self, layouts: list[Layout], runner: ChainRunner, rows: torch.Tensor | None, *, grad: bool,

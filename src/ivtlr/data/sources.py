@@ -1,4 +1,4 @@
-"""Load M3CoT and ScienceQA (hub or local parquet/JSONL) into validated `Example`s.
+"""Load M3CoT and ScienceQA (hub or local parquet/JSONL), and Visual CoT's metadata files, into validated `Example`s.
 
 Hub data and local files go through the same `datasets.load_dataset` call and the same row conversion, so
 the small schema files the tests write exercise exactly the code that reads the real datasets. Bad rows
@@ -22,6 +22,8 @@ from PIL import Image
 from ..errors import DataFileError, MissingDataFileError
 from .curriculum import split_rationale
 from .example import OPTION_LETTERS, Box, Example, ExampleSequence, decode_image, option_letter
+from .visual_cot import REQUIRED_COLUMNS as VISUAL_COT_COLUMNS
+from .visual_cot import VisualCoTRowError, fit_boxes_to_image, visual_cot_converter
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ def _choices(row: Mapping[str, Any]) -> list[str]:
     choices = row.get("choices")
     if isinstance(choices, str):  # iterating it would make every character an option
         raise InvalidExample("options are one string, not a list", repr(choices[:40]))
+    if choices is not None and not isinstance(choices, Sequence):
+        raise InvalidExample("options are not a list", f"{type(choices).__name__} {choices!r:.40}")
     if not choices:
         raise InvalidExample("no options")
     if len(choices) > len(OPTION_LETTERS):
@@ -164,15 +168,38 @@ def _scienceqa_example(row: Mapping[str, Any], split: str, row_index: int, use_c
     )
 
 
-SCHEMAS: dict[str, Callable[[Mapping[str, Any], str, int, bool], Example]] = {
+RowConverter = Callable[[Mapping[str, Any], str, int, bool], Example]
+
+SCHEMAS: dict[str, RowConverter | None] = {
     "m3cot": _m3cot_example,
     "scienceqa": _scienceqa_example,
+    "viscot": None,  # built per split (its options draw on the split's answers): `_row_converter`
 }
 
 
+def _row_converter(schema: str, parts: list[_Part]) -> RowConverter:
+    """The row conversion of ``schema``; Visual CoT's needs the whole split first, for its distractor pool."""
+    convert = SCHEMAS[schema]
+    if convert is not None:
+        return convert
+    columns = [name for name in ("answer", "dataset") if name in parts[0].table.column_names]
+    to_example = visual_cot_converter(row for part in parts for row in part.table.select_columns(columns))
+
+    def viscot_example(row: Mapping[str, Any], split: str, row_index: int, use_context: bool) -> Example:
+        try:
+            return to_example(row, split, row_index, _row_id(row, split, row_index))
+        except VisualCoTRowError as error:
+            raise InvalidExample(error.reason, error.detail) from error
+
+    return viscot_example
+
+
 def detect_schema(column_names: list[str]) -> str:
-    """Name the schema of a table from its columns: ScienceQA explains with lecture/solution, M3CoT with rationale."""
+    """Name the schema of a table from its columns: Visual CoT names region boxes (bboxs), ScienceQA explains with
+    lecture/solution, M3CoT with rationale."""
     columns = set(column_names)
+    if VISUAL_COT_COLUMNS <= columns:
+        return "viscot"
     if {"question", "choices", "answer"} - columns:
         raise DataFileError(f"columns {sorted(columns)} need question, choices and answer")
     if columns & {"lecture", "solution"}:
@@ -298,9 +325,9 @@ def _read_image_bytes(cell: Any, image_root: Path | None) -> bytes | None:
     return path.read_bytes()
 
 
-def _check_decodes(encoded: bytes) -> None:
+def _decoded_size(encoded: bytes) -> tuple[int, int]:
     try:
-        decode_image(encoded)
+        return decode_image(encoded).size
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise InvalidExample("corrupt image", str(error)) from error
 
@@ -319,13 +346,14 @@ def load_examples(
     """Load one split as validated examples.
 
     `source` is a hub id (`LightChen2333/M3CoT`, `derek-thomas/ScienceQA`), or `"m3cot"` / `"scienceqa"`
-    (the hub dataset, or local `data_files` in that schema), or `"auto"` (local files, schema from the
-    columns). Local files are parquet or JSONL whose `image` column holds paths relative to the file.
+    (the hub dataset, or local `data_files` in that schema), `"viscot"` (local files of Visual CoT's metadata
+    schema: question, answer, image, bboxs, width, height, dataset; see `visual_cot`), or `"auto"` (local files,
+    schema from the columns). Local files are parquet or JSONL whose `image` column holds paths relative to the file.
     Invalid rows are skipped and counted in a warning, or raise `ValueError` when `strict`; rows without
     an image are dropped (and counted) unless `keep_no_image`. `limit` stops after that many kept examples.
     """
     schema, parts = _open_source(source, split, data_files, cache_dir)
-    row_to_example = SCHEMAS[schema]
+    row_to_example = _row_converter(schema, parts)
     records: list[Example] = []
     encoded_images: list[bytes | None] = []
     skipped: Counter[str] = Counter()
@@ -341,7 +369,7 @@ def load_examples(
             seen_ids.add(record.id)
             encoded = _read_image_bytes(row.get("image"), image_root)
             if encoded is not None:
-                _check_decodes(encoded)
+                record = fit_boxes_to_image(record, _decoded_size(encoded))
         except InvalidExample as error:
             row_id = _row_id(row, split, row_index)
             if strict:

@@ -26,7 +26,7 @@ from .provenance import claim_predictions, exclusive_writer
 logger = logging.getLogger(__name__)
 
 #: What accuracy is broken down by, per dataset schema (``Example.metadata["source"]``).
-GROUP_KEYS = {"m3cot": ("domain", "topic"), "scienceqa": ("subject", "grade", "context_type")}
+GROUP_KEYS = {"m3cot": ("domain", "topic"), "scienceqa": ("subject", "grade", "context_type"), "viscot": ("dataset",)}
 
 
 @dataclass(frozen=True)
