@@ -19,6 +19,7 @@ from ivtlr.data import (
     format_prompt_text,
     resize_image,
 )
+from ivtlr.data.prompt_cache import PromptCache
 from ivtlr.testing import FAMILIES, TinyBundle, build_tiny
 
 
@@ -162,3 +163,28 @@ def test_generation_batch_is_prompt_and_latents(tiny, padding_side):
     with torch.no_grad():
         logits = tiny.model(**batch).logits
     assert logits.shape[:2] == batch["input_ids"].shape
+
+
+def test_prompts_kept_between_epochs_give_the_batches_encoding_again_gives(tiny):
+    cached = IVTLRCollator(tiny.processor, tiny.latent_token_id, image_size=56)
+    fresh = IVTLRCollator(tiny.processor, tiny.latent_token_id, image_size=56, prompt_cache_bytes=0)
+    first = cached(items())
+    for value in first.values():  # what the engine may do to a batch must not reach the kept prompts
+        value.zero_()
+    later = [TrainingItem(i.id, i.image, i.prompt, i.n_latent + 1, "other target") for i in items()]
+    again, expected = cached(later), fresh(later)
+    assert again.keys() == expected.keys()
+    assert all(torch.equal(again[key], expected[key]) for key in expected)
+    assert cached.prompts.hits == len(items()) and len(fresh.prompts) == 0
+
+
+def test_the_prompt_cache_keeps_the_newest_entries_within_its_budget():
+    sizes = {"a": 40, "b": 40, "c": 40, "huge": 1000}
+    cache = PromptCache(100, lambda key: sizes[key])
+    for key in ("a", "b", "a", "c", "huge"):
+        assert cache.get(key, lambda key=key: key) == key
+    assert cache.bytes == 80 and len(cache) == 2  # "b" evicted (least recently used), "huge" never kept
+    made = []
+    cache.get("a", lambda: made.append("a"))
+    cache.get("b", lambda: made.append("b") or "b")
+    assert made == ["b"]

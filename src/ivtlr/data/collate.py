@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from PIL import Image
 
+from ..config import ConfigError
 from .curriculum import TrainingItem, format_prompt_text
 from .example import Example
+from .prompt_cache import DEFAULT_CACHE_BYTES, PromptCache, tensor_bytes
 
 if TYPE_CHECKING:
     from transformers import ProcessorMixin
@@ -69,6 +71,11 @@ def _encode_prompt(
     return _EncodedPrompt(encoded["input_ids"][0].tolist(), token_types, image_tensors)
 
 
+def _encoded_bytes(prompt: _EncodedPrompt) -> int:
+    tokens = len(prompt.input_ids) * (1 + len(prompt.token_types))
+    return tensor_bytes(list(prompt.image_tensors.values()), tokens)
+
+
 def _pad(rows: list[list[int]], value: int, side: PaddingSide) -> torch.Tensor:
     width = max(len(row) for row in rows)
     padded = [
@@ -118,6 +125,9 @@ class IVTLRCollator:
     `step_targets` / `step_regions` add what step and region supervision read (`ivtlr.supervision`): per latent slot
     the token ids of the written step it replaced (the step's text and its newline), and the region that step reads
     as fractions of the picture.
+
+    Encoded prompts are kept between epochs (`ivtlr.data.prompt_cache`, keyed by the item's id, prompt and picture
+    size) up to `prompt_cache_bytes`; 0 encodes every prompt again.
     """
 
     def __init__(
@@ -131,8 +141,10 @@ class IVTLRCollator:
         eos_token_id: int | None = None,
         step_targets: bool = False,
         step_regions: bool = False,
+        prompt_cache_bytes: int = DEFAULT_CACHE_BYTES,
     ):
         self.processor = processor
+        self.prompts: PromptCache[_EncodedPrompt] = PromptCache(prompt_cache_bytes, _encoded_bytes)
         self.step_targets, self.step_regions = step_targets, step_regions
         self.latent_token_id = latent_token_id
         self.max_length = max_length
@@ -161,7 +173,9 @@ class IVTLRCollator:
     def __call__(self, items: Sequence[TrainingItem]) -> dict[str, torch.Tensor]:
         sequences, labels, prompts, kept = [], [], [], []
         for item in items:
-            prompt = _encode_prompt(self.processor, item.prompt, item.image, self.image_size)
+            key = (item.id, item.prompt, None if item.image is None else item.image.size)
+            prompt = self.prompts.get(key, lambda item=item: _encode_prompt(self.processor, item.prompt, item.image,
+                                                                             self.image_size))
             target = self.target_ids(item.target)
             unlabelled = prompt.input_ids + [self.latent_token_id] * item.n_latent
             if not self._fits(item, len(prompt.input_ids), len(unlabelled) + len(target)):
@@ -171,7 +185,8 @@ class IVTLRCollator:
             prompts.append(prompt)
             kept.append(item)
         if not sequences:
-            raise ValueError(f"every sample of the batch is longer than max_length={self.max_length}")
+            raise ConfigError(f"every sample of the batch is longer than max_length={self.max_length}: raise "
+                              "max_length (or set it to null)")
         batch = _batch(sequences, labels, prompts, self.pad_token_id, side="right")
         if self.step_targets:
             batch["step_targets"] = self._step_targets(kept)
