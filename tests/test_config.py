@@ -202,6 +202,24 @@ def test_bad_files_name_the_key(tmp_path, text, message):
         load_config(write(tmp_path, text))
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ("lr: [1, 2\n", r"is not valid YAML \(line 2, column 1\)"),
+    ("model: !!python/object/apply:os.system ['touch {marker}']\n", r"could not determine a constructor for the tag"),
+])
+def test_a_file_that_is_not_plain_yaml_is_refused_without_running_anything(tmp_path, text, message):
+    marker = tmp_path / "ran"
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text.format(marker=marker)))
+    assert not marker.exists()
+
+
+def test_a_missing_file_or_a_folder_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(tmp_path)
+
+
 def test_empty_file_gives_the_defaults(tmp_path):
     assert load_config(write(tmp_path, "")) == Config()
 
@@ -310,6 +328,17 @@ def test_cpu_ddp_config_starts_two_communicating_processes(tmp_path):
     ("eval.max_new_tokens=0", "eval.max_new_tokens must be >= 1"),
     ("eval.batch_size=0", "eval.batch_size must be >= 1"),
     ("max_latent_stage=0", "trains no latent step"),
+    ("image_size=0", "image_size must be >= 1"),
+    ("lora_r=0", "lora_r must be >= 1"),
+    ("lora_dropout=2", "lora_dropout is a probability"),
+    ("lr=.inf", "lr must be a finite number, got inf"),
+    ("lr=nan", "lr must be a finite number, got nan"),
+    ("max_grad_norm=.inf", "max_grad_norm must be a finite number"),
+    ("weight_decay=-.inf", "weight_decay must be a finite number"),
+    ("lora_dropout=.nan", "lora_dropout must be a finite number"),
+    ("step_supervision=.inf", "step_supervision must be a finite number"),
+    ("name=", "name must name the run's own folder under save_path, got ''"),
+    ("name=.", "name must name the run's own folder"),
 ])
 def test_values_a_run_cannot_use_are_refused_before_anything_loads(override, named):
     with pytest.raises(ConfigError, match=named.replace("(", r"\(")):

@@ -1,7 +1,9 @@
 """``ivtlr eval``: the command end to end on schema files, the JSONL and summary it writes, resuming, baselines."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -162,8 +164,9 @@ def test_modes_set_latents_and_patches(tmp_path, mode, n_latent, patches):
         assert record["messages"][1] == decode(model.tokenizer, out.sequences[b, : out.lengths[b]])
 
 
-def test_checkpoint_answers_with_its_final_stage(tmp_path):
-    """--checkpoint: the training config evaluates the run's checkpoint with the latent steps of its last stage."""
+def test_checkpoint_answers_with_its_final_stage(tmp_path, caplog):
+    """--checkpoint: the training config evaluates the run's checkpoint with the latent steps of its last stage; a
+    config naming another model is announced (the checkpoint's own base is what answers)."""
     files = write_m3cot_files(tmp_path / "data", n_train=4, n_test=3)
     config = write_training_config(tmp_path, files, num_epochs=2)  # stages 0 and 1
     checkpoint = latest_checkpoint(train_in_process(config) / "checkpoints")
@@ -181,6 +184,27 @@ def test_checkpoint_answers_with_its_final_stage(tmp_path):
     generated = engine.generate(**batch, max_new_tokens=5, return_dict=True)
     assert [r["messages"][1] for r in records] == [
         decode(components.tokenizer, generated.sequences[b, : generated.lengths[b]]) for b in range(len(examples))]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        other, _ = run_eval(config, tmp_path / "other", "model=tiny:chameleon", "eval.max_new_tokens=5",
+                            "--checkpoint", str(checkpoint))
+    assert [r["messages"][1] for r in other] == [r["messages"][1] for r in records]
+    (warning,) = [r.getMessage() for r in caplog.records if "not the config's model" in r.getMessage()]
+    assert "trained from tiny:qwen2_vl, not the config's model tiny:chameleon" in warning
+
+
+def test_more_latent_steps_than_trained_are_announced(caplog):
+    """Asking for more latent steps than the checkpoint's final stage runs them (how accuracy extrapolates is a fair
+    question) but says the extra ones are untrained."""
+    model = load_config_model(Config(model="tiny:qwen2_vl", image_size=56), torch.device("cpu"))
+    trained_with_three = dataclasses.replace(model, trained_n_latent=3)
+    with caplog.at_level(logging.WARNING):
+        assert trained_with_three.n_latent(3) == 3
+        assert not caplog.records
+        assert trained_with_three.n_latent(50) == 50
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "50 latent steps requested" in warning and "trained with at most 3" in warning
 
 
 def test_no_usable_question_is_an_error_before_any_model_loads(tmp_path, capsys):

@@ -14,6 +14,8 @@ from ivtlr.data.curriculum import split_rationale
 from ivtlr.evaluation import load_config_model
 from ivtlr.evaluation.probe import PROBE_GROUPS, plan_conditions, run_probe
 from ivtlr.scoring import read_jsonl
+from ivtlr.evaluation.probe_report import plot_probe
+from ivtlr.scoring import wilson_interval
 from schema_files import write_m3cot_files
 from test_eval import TINY, run_eval, write_config
 
@@ -102,3 +104,35 @@ def test_read_latents_reports_each_step_against_the_written_one(config, tmp_path
     first = steps[0]["examples"][0]
     assert first["id"] == examples[0].id and first["written"] == split_rationale(examples[0].rationale)[0].strip()
     assert "What each latent says" in (tmp_path / "probe" / "probe.md").read_text()
+
+
+def test_a_condition_the_family_cannot_run_is_skipped_and_reported(tmp_path, capsys):
+    """Qwen3-VL adds per-row deepstack features inside its decoder, which a row read from another image would lack:
+    the default probe runs every other condition and says which one it skipped, and why."""
+    files = write_m3cot_files(tmp_path / "data", n_train=1, n_test=2)
+    config = write_config(tmp_path, files, **{**TINY, "model": "tiny:qwen3_vl", "image_size": 64})
+    assert main(["probe", str(config), "--out", str(tmp_path / "probe"), "--no-progress"]) == 0
+    probe = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    names = [row["name"] for row in probe["conditions"]]
+    assert "same indices, another image" not in names
+    assert names == [c.name for c in plan_conditions(2, 2, image_donors=False)]
+    assert "another question's latents" in names and "K random patches" in names
+    (skipped,) = probe["skipped"]
+    assert (skipped["group"], skipped["name"]) == ("vision", "same indices, another image")
+    assert "per-row visual features" in skipped["reason"]
+    assert "Skipped: same indices, another image" in (tmp_path / "probe" / "probe.md").read_text()
+    assert "Skipped: same indices, another image" in capsys.readouterr().out
+
+
+def test_the_plot_draws_conditions_no_question_or_every_question_got_right(tmp_path):
+    """An interval must hold its own point: at 0 or n correct, float rounding left Wilson's bound a hair inside and
+    matplotlib refused the negative error bar, after the whole probe had run."""
+    def row(group: str, name: str, correct: int) -> dict:
+        return {"group": group, "name": name, "n_latent": 3, "num_selected_patches": 4, "accuracy": correct / 300,
+                "accuracy_ci95": list(wilson_interval(correct, 300))}
+
+    summary = {"run": {"num_selected_patches": 4},
+               "conditions": [row("trained", "as trained", 150), row("text", "zeros", 0),
+                              row("vision", "K random patches", 300)]}
+    plot_probe(summary, tmp_path / "probe.png")
+    assert (tmp_path / "probe.png").stat().st_size > 0

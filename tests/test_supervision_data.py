@@ -90,7 +90,7 @@ def test_the_collator_writes_each_slots_step_tokens_and_box_fractions():
 
 @pytest.mark.parametrize(("keys", "message"), [
     ({"step_supervision": -1.0}, "step_supervision must be >= 0"),
-    ({"region_supervision": math.inf}, "region_supervision must be a finite weight"),
+    ({"region_supervision": math.inf}, "region_supervision must be a finite number"),
     ({"step_supervision": 1.0, "mode": "latent_vision_only"}, "does not feed back"),
     ({"region_supervision": 1.0, "mode": "latent_text_only"}, "inserts none"),
     ({"region_supervision": 1.0, "num_selected_patches": 0}, "inserts none"),

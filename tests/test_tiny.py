@@ -232,7 +232,7 @@ def test_chameleon_image_size_sets_token_count():
 
 
 def test_unknown_family_and_bad_sizes_are_rejected():
-    with pytest.raises(ValueError, match="unknown model family"):
+    with pytest.raises(ValueError, match="unknown tiny model family"):
         build_tiny("llava")
     with pytest.raises(ValueError, match="multiple of 28"):
         build_processor("qwen2_vl", build_tokenizer("qwen2_vl"), image_size=100)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+from ivtlr.errors import UserError
 from schema_files import m3cot_rows, write_rows
 from train_runs import column, single_thread, train_in_process, write_config
 
@@ -32,9 +33,11 @@ def test_invalid_rows_are_skipped_and_counted(tmp_path, caplog):
         assert f"'{reason}': 1" in message
 
 
-def test_no_valid_row_is_a_clear_error(tmp_path):
+def test_no_valid_row_is_a_clear_error(tmp_path, monkeypatch):
+    """A user error (one line, exit 2; raised here with IVTLR_DEBUG=1)."""
+    monkeypatch.setenv("IVTLR_DEBUG", "1")
     files = {"train": write_rows(tmp_path / "data", "train", _bad_rows()[:4], "m3cot", fmt="jsonl")}
-    with pytest.raises(ValueError, match="no usable training examples"):
+    with pytest.raises(UserError, match="no usable training examples"):
         train_in_process(write_config(tmp_path, files))
 
 
@@ -55,7 +58,9 @@ def test_sequences_over_max_length_are_skipped_with_a_count(tmp_path, caplog):
     assert any(m.endswith("2 samples longer than max_length were skipped") for m in messages)
 
 
-def test_a_batch_with_nothing_under_max_length_is_a_clear_error(tmp_path):
+def test_a_batch_with_nothing_under_max_length_is_a_clear_error(tmp_path, monkeypatch):
+    """A user error (one line, exit 2; raised here with IVTLR_DEBUG=1) that says which setting to change."""
+    monkeypatch.setenv("IVTLR_DEBUG", "1")
     files = {"train": write_rows(tmp_path / "data", "train", _long_and_short_rows(), "m3cot")}
-    with pytest.raises(ValueError, match="longer than max_length=20"):
+    with pytest.raises(UserError, match="longer than max_length=20: raise max_length"):
         train_in_process(write_config(tmp_path, files, max_length=20))

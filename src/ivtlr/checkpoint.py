@@ -88,6 +88,7 @@ class CheckpointMeta:
     # relative path -> {"size": bytes, "sha256": hex digest} (format 1 checkpoints: size only)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    vision_bottleneck: bool = False  # later rows see the image only through inserted patches
 
 
 def fault_point(label: str) -> None:
@@ -305,7 +306,8 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype = torch.float
         raise CheckpointError(f"latent token ids {found} of the rebuilt model differ from {expected} in "
                               f"{path / META_FILE}")
     engine = build_engine(components, num_selected_patches=meta.num_selected_patches, mode=meta.mode,
-                          positions=meta.positions, patch_order=meta.patch_order)
+                          positions=meta.positions, patch_order=meta.patch_order,
+                          vision_bottleneck=meta.vision_bottleneck)
     return engine.eval(), components, meta
 
 

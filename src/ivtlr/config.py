@@ -30,6 +30,7 @@ LatentGrad = Literal["detach", "full"]
 PatchOrder = Literal["position", "score", "topk"]
 Logger = Literal["jsonl", "tensorboard", "wandb"]
 AnswerRule = Literal["original", "m3cot", "ivtlr_loose"]
+OnNonFinite = Literal["stop", "skip"]
 DataFiles = Union[str, list[str], dict[str, Union[str, list[str]]]]
 
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -99,12 +100,14 @@ class Config:
     # Supervision of the latent steps (ivtlr.supervision); 0 = off, the paper's objective.
     step_supervision: float = 0.0  # weight of the step loss: each latent state decodes the written step it replaced
     region_supervision: float = 0.0  # weight of the region loss: attention on the region a step reads (step_boxes)
+    vision_bottleneck: bool = False  # rows after the prompt see the image only through the patches latent steps insert
 
     # Optimisation.
     weight_decay: float = 0.01
     max_grad_norm: float = 0.7
     warmup_steps: int = 0
     reset_optimizer: bool = False  # fresh optimizer state at every curriculum stage
+    on_nonfinite: OnNonFinite = "stop"  # a step with an inf/NaN loss or gradient norm: stop the run, or skip it
     gradient_checkpointing: bool = False
 
     # LoRA on the language model.
@@ -143,8 +146,15 @@ class Config:
     def check_values(self) -> Config:
         """Values the types allow but a run cannot use, refused before anything loads (a zero batch size would fail
         deep inside a data loader; a negative latent count would silently run with none). Returns the config."""
-        problems = [f"{key} must be {rule}, got {value!r}" for key, value, rule in _range_checks(self)
-                    if value is not None and not _within(value, rule)]
+        problems = [f"{key} must be a finite number, got {value!r}" for key, value in _float_values(self)
+                    if not math.isfinite(value)]
+        problems += [f"{key} must be {rule}, got {value!r}" for key, value, rule in _range_checks(self)
+                     if value is not None and math.isfinite(value) and not _within(value, rule)]
+        if math.isfinite(self.lora_dropout) and not 0 <= self.lora_dropout < 1:
+            problems.append(f"lora_dropout is a probability: it must be >= 0 and < 1, got {self.lora_dropout!r}")
+        if self.name.strip() in ("", ".", ".."):
+            problems.append(f"name must name the run's own folder under save_path, got {self.name!r}: an empty name "
+                            "would write checkpoints and logs straight into save_path, among other runs")
         if self.mode in LATENT_MODES and self.max_latent_stage < 1:
             problems.append(f"mode {self.mode!r} with max_latent_stage={self.max_latent_stage} trains no latent "
                             "step: set max_latent_stage >= 1 (or mode: cot)")
@@ -154,17 +164,12 @@ class Config:
         return self
 
 
-#: Modes whose curriculum turns reasoning steps into latent steps.
-
-
 def _supervision_problems(config: Config) -> list[str]:
-    """A supervision weight must be finite and have latent steps of the kind it trains."""
+    """A supervision weight needs latent steps of the kind it trains (finiteness is checked with every float)."""
     problems = []
     for key in ("step_supervision", "region_supervision"):
         weight = getattr(config, key)
-        if not math.isfinite(weight):
-            problems.append(f"{key} must be a finite weight, got {weight!r}")
-        elif weight and config.mode not in LATENT_MODES:
+        if weight and math.isfinite(weight) and config.mode not in LATENT_MODES:
             problems.append(f"{key} trains latent steps, which mode {config.mode!r} has none of: set it to 0")
     if config.step_supervision and config.mode == "latent_vision_only":
         problems.append("step_supervision decodes the state a latent step feeds back, which mode "
@@ -172,7 +177,25 @@ def _supervision_problems(config: Config) -> list[str]:
     if config.region_supervision and (config.mode == "latent_text_only" or config.num_selected_patches == 0):
         problems.append("region_supervision trains the attention that chooses the inserted patches, and this run "
                         "inserts none (latent_text_only or num_selected_patches=0): set it to 0")
+    if config.vision_bottleneck and (config.mode not in LATENT_MODES or config.mode == "latent_text_only"
+                                     or config.num_selected_patches == 0):
+        problems.append("vision_bottleneck leaves later rows only the patches latent steps insert, and this run "
+                        f"inserts none (mode {config.mode!r}, num_selected_patches={config.num_selected_patches}): "
+                        "set it to false")
     return problems
+
+
+def _float_values(section: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """(key, value) of every float setting, sections included: infinity or NaN would pass the range checks (``lr=.inf``
+    trains, ``nan`` compares false to every bound) and silently ruin a run."""
+    values = []
+    for name, annotation in _field_types(type(section)).items():
+        value = getattr(section, name)
+        if dataclasses.is_dataclass(annotation):
+            values += _float_values(value, prefix=f"{prefix}{name}.")
+        elif isinstance(value, float):
+            values.append((prefix + name, value))
+    return values
 
 
 def _range_checks(config: Config) -> list[tuple[str, Any, str]]:
@@ -182,6 +205,8 @@ def _range_checks(config: Config) -> list[tuple[str, Any, str]]:
             ("num_epochs", config.num_epochs, ">= 1"), ("epochs_per_stage", config.epochs_per_stage, ">= 1"),
             ("max_latent_stage", config.max_latent_stage, ">= 0"), ("resume", config.resume, ">= 0"),
             ("latents_per_step", config.latents_per_step, ">= 1"), ("lr", config.lr, ">= 0"),
+            ("image_size", config.image_size, ">= 1"), ("lora_r", config.lora_r, ">= 1"),
+            ("lora_alpha", config.lora_alpha, "> 0"),
             ("weight_decay", config.weight_decay, ">= 0"), ("max_grad_norm", config.max_grad_norm, "> 0"),
             ("warmup_steps", config.warmup_steps, ">= 0"),
             ("step_supervision", config.step_supervision, ">= 0"),
@@ -200,9 +225,25 @@ def _within(value: float, rule: str) -> bool:
 
 
 def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML config and apply ``key=value`` overrides (dotted keys reach into sections)."""
-    with open(path, encoding="utf-8") as handle:
-        data = yaml.safe_load(handle)
+    """Read a YAML config and apply ``key=value`` overrides (dotted keys reach into sections).
+
+    Only plain YAML is read: a ``!!python/...`` tag is refused, never run.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except FileNotFoundError as error:
+        raise ConfigError(f"config file {path} does not exist") from error
+    except IsADirectoryError as error:
+        raise ConfigError(f"config {path} is a folder: give a YAML file (e.g. configs/tiny_cpu.yaml)") from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config {path} is not a UTF-8 text file: give a YAML file") from error
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"config {path} is not valid YAML{line}: {problem}; plain YAML only "
+                          "(no !!python tags)") from error
     config = Config.from_dict(data if data is not None else {})
     for override in overrides:
         apply_override(config, override)

@@ -24,6 +24,27 @@ class NoSpaceLeft(UserError, OSError):
     """A write failed because the disk (or quota) is full."""
 
 
+class OutputLocationError(UserError, OSError):
+    """An output folder that cannot be created or written: a file in the way, or no write permission."""
+
+
+class UnsupportedModelSetting(UserError, ValueError):
+    """A model name or setting the chosen family cannot run (an unknown tiny family, an image size it cannot tile)."""
+
+
+def check_output_dir(path: str | os.PathLike, option: str) -> None:
+    """Refuse an output folder that could not be created or written, before a command spends minutes loading a model
+    only to fail at its first write; ``option`` names the setting to fix (``save_path``, ``--out``)."""
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputLocationError(f"{option} {path} cannot be a folder: {existing} is a file; choose another location")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputLocationError(f"{option} {path} is not writable ({existing} does not allow writing); choose "
+                                  "another location")
+
+
 #: Free space below which a failed write is blamed on a full disk (torch's zip writer reports only a short write).
 _LOW_SPACE_BYTES = 64 << 20
 

@@ -1,7 +1,11 @@
-"""Writing result files so that a reader never sees half of one: a hidden temporary sibling, then a rename."""
+"""Writing result files so that a reader never sees half of one (a hidden temporary sibling, then a rename), and
+one writer at a time (an exclusive lock)."""
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import NoSpaceLeft, is_out_of_space
@@ -25,3 +29,27 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> None:
                               ) from error
         raise
     temporary.replace(path)
+
+
+@contextmanager
+def exclusive_lock(lock_path: Path, busy: Callable[[str], Exception]) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` for the duration, so that two processes never write the same
+    results interleaved; a second holder is refused at once with ``busy(holder)``, ``holder`` naming the process
+    that has it. The kernel drops the lock of a process that dies, so a lock file left by a killed run blocks
+    nothing."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise busy(handle.read().strip() or "another process") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

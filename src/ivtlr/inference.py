@@ -4,25 +4,29 @@
 
 prints the generated text and the option it names. ``--explain`` draws the image as the model saw it (resized, and
 cropped where the processor crops) with the patches each latent step inserted outlined in that step's colour.
+The options and the image are checked before torch and the model load: a mistake in them is one line in a second.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import logging
+import string
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .config import AnswerRule
-from .data import Example, resize_image
-from .modes import MODES
-from .evaluation.loading import (LoadedModel, add_device_argument, add_model_arguments, load_requested_model,
-                                 resolve_device)
-from .evaluation.readback import read_latents
-from .evaluation.runner import GenerationSettings, generate_answers
+from .errors import UserError
+from .evaluation.arguments import add_device_argument, add_model_arguments, check_model_arguments
 from .explain import save_selection_png
+from .modes import MODES
 from .scoring import EXTRACTION_RULES, extract_answer
+
+if TYPE_CHECKING:
+    from .evaluation.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +47,10 @@ def answer_question(model: LoadedModel, image: Image.Image, question: str, choic
                     rule: AnswerRule = "original", read_back: bool = False) -> InferenceResult:
     """Prompt as in training, run the latent chain, decode, and read the answer letter; with ``read_back``, also
     decode each latent step's state to text (:func:`ivtlr.evaluation.readback.read_latents`)."""
+    from .data import Example, resize_image
+    from .evaluation.readback import read_latents
+    from .evaluation.runner import GenerationSettings, generate_answers
+
     image = image.convert("RGB")
     image_size = image_size if image_size is not None else model.image_size
     settings = GenerationSettings(n_latent=model.n_latent(n_latent), max_new_tokens=max_new_tokens,
@@ -90,13 +98,44 @@ def _count(minimum: int):
     return parse
 
 
+class InferInputError(UserError, ValueError):
+    """An ``--image`` that cannot be read as a picture, or options the prompt cannot letter."""
+
+
+def check_image(path: Path) -> bytes:
+    """The bytes of ``--image`` once PIL has decoded them (here, with PIL alone: importing the data pipeline costs
+    seconds), or one line saying why they cannot be a picture."""
+    try:
+        encoded = path.read_bytes()
+    except FileNotFoundError as error:
+        raise InferInputError(f"--image {path} does not exist") from error
+    except IsADirectoryError as error:
+        raise InferInputError(f"--image {path} is a folder: give one picture file") from error
+    except OSError as error:
+        raise InferInputError(f"--image {path} cannot be read ({error.strerror or error})") from error
+    try:
+        with Image.open(io.BytesIO(encoded)) as image:
+            image.load()
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise InferInputError(f"--image {path} is not a picture PIL can read ({error})") from error
+    return encoded
+
+
 def run(args: argparse.Namespace) -> int:
+    if len(args.choices) > len(string.ascii_uppercase):  # ivtlr.data.example.OPTION_LETTERS
+        raise InferInputError(f"{len(args.choices)} --choices, but options are lettered A-Z: give at most "
+                              f"{len(string.ascii_uppercase)}")
+    check_model_arguments(args)
+    encoded = check_image(args.image)
+    from .data.example import decode_image
+    from .evaluation.loading import load_requested_model, resolve_device
+
+    image = decode_image(encoded)  # as training decodes it: transparency over white, high bit depths by their range
     model = load_requested_model(args, resolve_device(args.device), mode=args.mode,
                                  num_selected_patches=args.num_selected_patches, image_size=args.image_size)
-    with Image.open(args.image) as image:
-        result = answer_question(model, image, args.question, args.choices, n_latent=args.n_latent,
-                                 max_new_tokens=args.max_new_tokens, image_size=args.image_size,
-                                 rule=args.answer_rule, read_back=args.read_latents)
+    result = answer_question(model, image, args.question, args.choices, n_latent=args.n_latent,
+                             max_new_tokens=args.max_new_tokens, image_size=args.image_size, rule=args.answer_rule,
+                             read_back=args.read_latents)
     named = f" ({args.choices[ord(result.answer) - ord('A')]})" if result.answer else ""
     lines = [f"latent step {i + 1} says: {text}" for i, text in enumerate(result.latent_texts or [])]
     lines += [f"generated: {result.text}", f"answer: {result.answer or 'none'}{named}"]

@@ -395,4 +395,6 @@ def wilson_interval(correct: int, total: int, z: float = Z_95) -> tuple[float, f
     denominator = 1 + z * z / total
     centre = (p + z * z / (2 * total)) / denominator
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # Rounding leaves centre - half a hair above 0 at no successes (and centre + half below 1 at all): the interval
+    # must hold its own point, or error bars drawn from it come out negative.
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))

@@ -74,6 +74,9 @@ class Backbone(ABC):
     default_num_selected_patches: int = 32
     #: renames from the transformers 4.51 weight layout (the released checkpoints) to the current one.
     legacy_key_renames: tuple[tuple[str, str], ...] = ()
+    #: whether :meth:`embed` returns ``row_features`` the decoder adds inside its layers: a patch row inserted from
+    #: another image would then lack its own, so the probe's donor-image condition cannot run.
+    has_row_features: bool = False
 
     def __init__(self, model: nn.Module):
         self.wrapped = model

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, overload
 
+import numpy as np
 from PIL import Image
 
 OPTION_LETTERS = string.ascii_uppercase
@@ -48,14 +49,34 @@ def option_letter(index: int) -> str:
 
 
 def decode_image(encoded: bytes) -> Image.Image:
-    """Fully decode an encoded image to RGB; transparent pixels are shown over white, as a viewer would."""
-    image = Image.open(io.BytesIO(encoded))
+    """Fully decode an encoded image to RGB; transparent pixels are shown over white, as a viewer would, and
+    high-bit-depth gray by its real range (:func:`to_8_bit`)."""
+    image = to_8_bit(Image.open(io.BytesIO(encoded)))
     image.load()
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def to_8_bit(image: Image.Image) -> Image.Image:
+    """High-bit-depth gray as 8-bit gray (``L``) by its real range; other modes unchanged.
+
+    PIL's ``convert("RGB")`` clips these values at 255, so a 16-bit scan comes out almost all white. Integer modes
+    (``I;16*``, and ``I``, which 16-bit PNG and TIFF files open as) are read as 16-bit: 0..65535 -> 0..255, values
+    outside clipped. Float (``F``) is read as 0..1 when every value lies in [0, 1], else as 0..255 (clipped); NaN is
+    black.
+    """
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        values = np.asarray(image, dtype=np.float64) / 257
+    elif image.mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+        if values.size and values.min() >= 0 and values.max() <= 1:
+            values = values * 255
+    else:
+        return image
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))  # 2-D uint8: mode L
 
 
 class ExampleSequence(Sequence[Example]):

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from . import report as report_lib
 from ..config import Config, DatasetConfig, EvalConfig
+from ..errors import UserError, check_output_dir
 from ..data import load_examples
 from ..data.curriculum import format_prompt_text, split_rationale, target_text
 from ..data.example import option_letter
@@ -568,7 +569,8 @@ def run(args: argparse.Namespace) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = args.workers if args.workers is not None else max(1, min(2, cores))
     if workers < 1:
-        raise SystemExit(f"--workers must be at least 1, got {workers}")
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    check_output_dir(args.out, "--out")
     variants = VARIANTS if args.full else DEFAULT_VARIANTS
     report = run_demo(recipe, args.out, seed=args.seed, quick=args.quick, workers=workers, cores=cores,
                       variants=variants)

@@ -4,6 +4,9 @@ Answers the config's evaluation split (``dataset.eval_split`` of M3CoT, ScienceQ
 ``eval.batch_size``, writes the predictions JSONL (resumable) and a summary JSON, and prints the accuracy table.
 Without ``--checkpoint`` or ``--original`` it evaluates ``model`` from the config as it is (zero-shot baselines,
 smoke runs).
+
+The config, the options and the output folder are checked before torch and the data loaders are imported, so a
+mistake in any of them is one line within a second.
 """
 from __future__ import annotations
 
@@ -12,18 +15,21 @@ import json
 import logging
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..config import Config, ConfigError, load_config
-from ..data import ExampleSequence, load_examples
+from ..errors import check_output_dir
 from ..files import write_text_atomically
 from ..scoring import format_summary_table
-from ..data.builtin import resolve_source
-from .loading import (LoadedModel, add_device_argument, add_model_arguments, load_config_model, load_requested_model,
-                      resolve_device)
+from .arguments import add_device_argument, add_model_arguments, check_model_arguments
 from .provenance import checkpoint_identity, config_model_identity, data_identity, original_identity
-from .runner import GenerationSettings, evaluate, evaluation_summary, group_keys_for
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..data import ExampleSequence
+    from .loading import LoadedModel
+    from .runner import GenerationSettings
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +46,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def check_arguments(args: argparse.Namespace, out: Path) -> None:
+    """What ``ivtlr eval`` and ``ivtlr probe`` can refuse before importing torch: the weights' paths, the output."""
+    check_model_arguments(args)
+    check_output_dir(out, "--out" if args.out is not None else "save_path/name")
+
+
 def load_model(args: argparse.Namespace, config: Config, device: torch.device) -> LoadedModel:
+    """The weights the options name, else the config's model as it is; says when the config disagrees with them."""
+    import torch
+
+    from .loading import load_config_model, load_requested_model
+
     dtype = torch.bfloat16 if config.bf16 and device.type == "cuda" else torch.float32
     if args.checkpoint is None and args.original is None:
         logger.warning("no --checkpoint or --original: evaluating %s as it is", config.model)
@@ -51,10 +68,16 @@ def load_model(args: argparse.Namespace, config: Config, device: torch.device) -
     if model.mode != config.mode:  # only a checkpoint can disagree: an --original is loaded in the config's mode
         logger.warning("the checkpoint was trained in mode %s (config says %s): evaluating as %s",
                        model.mode, config.mode, model.mode)
+    if model.base_model != config.model:
+        logger.warning("the weights were trained from %s, not the config's model %s: evaluating %s (the config's "
+                       "model is not used)", model.base_model, config.model, model.base_model)
     return model
 
 
 def load_eval_examples(config: Config) -> ExampleSequence:
+    from ..data import load_examples
+    from ..data.builtin import resolve_source
+
     dataset = config.dataset
     source, data_files = resolve_source(dataset)
     return load_examples(source, dataset.eval_split, data_files=data_files, keep_no_image=dataset.keep_no_image,
@@ -74,6 +97,8 @@ def provenance_of(args: argparse.Namespace, config: Config, model: LoadedModel, 
                   ) -> dict:
     """Everything that changes an answer: weights, data, generation settings (not the batch size: answers are
     batch-invariant)."""
+    from ..data.builtin import resolve_source
+
     dataset = config.dataset
     _, data_files = resolve_source(dataset)
     return {"weights": weights_identity(args, config), "mode": model.mode, "n_latent": settings.n_latent,
@@ -93,6 +118,11 @@ def run_label(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
+    out = args.out if args.out is not None else config.run_dir / "eval"
+    check_arguments(args, out)
+    from .loading import resolve_device
+    from .runner import GenerationSettings, evaluate, evaluation_summary, group_keys_for
+
     device = resolve_device(args.device)
     examples = load_eval_examples(config)  # the data is checked before a model is loaded
     if not len(examples):
@@ -103,7 +133,6 @@ def run(args: argparse.Namespace) -> int:
     settings = GenerationSettings(n_latent=n_latent, max_new_tokens=config.eval.max_new_tokens,
                                   image_size=model.image_size)
     stem = f"{run_label(args)}_{config.dataset.eval_split}_{model.mode}_latent{n_latent}"
-    out = args.out if args.out is not None else config.run_dir / "eval"
     predictions, summary_path = out / f"predictions_{stem}.jsonl", out / f"summary_{stem}.json"
     logger.info("evaluating %s (mode %s, %d latent steps, K=%d) on %d questions -> %s", model.source, model.mode,
                 n_latent, model.engine.num_selected_patches, len(examples), predictions)

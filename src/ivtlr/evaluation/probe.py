@@ -20,13 +20,12 @@ from tqdm.auto import tqdm
 from ..data import Example
 from ..interventions import LatentIntervention
 from ..scoring import ExtractionRule, wilson_interval
+from .arguments import PROBE_GROUPS
 from .loading import LoadedModel
 from .runner import Answer, batched, model_inputs, prediction_record
 
 logger = logging.getLogger(__name__)
 
-#: Condition groups, in report order.
-PROBE_GROUPS = ("count", "k", "text", "vision")
 GROUP_TITLES = {"trained": "as trained", "count": "latent steps", "k": "patches per step (K)",
                 "text": "latent text", "vision": "latent vision"}
 TEXT_LABELS = {"zeros": "zeros", "noise": "Gaussian noise, same norm", "donor": "another question's latents",
@@ -55,10 +54,17 @@ class ProbeCondition:
                                   seeds=seeds, donor_latents=donor_latents, donor_image_embeds=donor_image_embeds)
 
 
-def plan_conditions(n_latent: int, k: int, groups: Iterable[str] = PROBE_GROUPS) -> list[ProbeCondition]:
+#: Why a family whose decoder adds per-row visual features (``Backbone.has_row_features``) has no donor-image run.
+NO_IMAGE_DONORS = ("a patch row read from another image would lack that image's own per-row visual features, which "
+                   "this family's decoder adds inside its layers")
+
+
+def plan_conditions(n_latent: int, k: int, groups: Iterable[str] = PROBE_GROUPS, *,
+                    image_donors: bool = True) -> list[ProbeCondition]:
     """The as-trained condition first, then each requested group's conditions (the as-trained point not repeated).
 
-    A checkpoint without latent vision (K = 0) has no K sweep and no vision interventions: those groups are skipped.
+    Conditions the model cannot run are left out (:func:`skipped_conditions` says which and why): with no latent
+    vision (K = 0) the K sweep and the vision interventions; without ``image_donors`` the donor-image condition.
     """
     groups = list(groups)
     unknown = sorted(set(groups) - set(PROBE_GROUPS))
@@ -82,8 +88,22 @@ def plan_conditions(n_latent: int, k: int, groups: Iterable[str] = PROBE_GROUPS)
             conditions += [ProbeCondition("text", label, n_latent, text=name) for name, label in TEXT_LABELS.items()]
         else:
             conditions += [ProbeCondition("vision", label, n_latent, vision=name)
-                           for name, label in VISION_LABELS.items()]
+                           for name, label in VISION_LABELS.items() if image_donors or name != "donor"]
+    if not image_donors and "vision" in groups:
+        logger.warning("skipping the donor-image condition: %s", NO_IMAGE_DONORS)
     return conditions
+
+
+def skipped_conditions(k: int, groups: Iterable[str] = PROBE_GROUPS, *, image_donors: bool = True
+                       ) -> list[dict[str, str]]:
+    """The requested conditions :func:`plan_conditions` leaves out, each with the reason, for the report."""
+    groups = set(groups)
+    if k == 0:
+        return [{"group": group, "name": GROUP_TITLES[group], "reason": "K = 0: the model inserts no patches"}
+                for group in ("k", "vision") if group in groups]
+    if not image_donors and "vision" in groups:
+        return [{"group": "vision", "name": VISION_LABELS["donor"], "reason": NO_IMAGE_DONORS}]
+    return []
 
 
 @dataclass
@@ -191,11 +211,13 @@ def _collect(result: ConditionResult, batch: list[Example], out, model: LoadedMo
                    rule)
 
 
-def probe_summary(results: Sequence[ConditionResult], run: dict, readback: dict | None = None) -> dict:
-    """What ``probe.json`` holds: the run's settings and one summary per condition, as-trained first; and, when
-    given, what the latents read back as (:func:`ivtlr.evaluation.readback.readback_agreement`)."""
+def probe_summary(results: Sequence[ConditionResult], run: dict, readback: dict | None = None,
+                  skipped: Sequence[dict[str, str]] = ()) -> dict:
+    """What ``probe.json`` holds: the run's settings, one summary per condition, as-trained first, and the conditions
+    skipped with their reasons (:func:`skipped_conditions`); and, when given, what the latents read back as
+    (:func:`ivtlr.evaluation.readback.readback_agreement`)."""
     trained = results[0]
-    summary = {"run": dict(run), "conditions": [r.summary(trained) for r in results]}
+    summary = {"run": dict(run), "conditions": [r.summary(trained) for r in results], "skipped": list(skipped)}
     if readback is not None:
         summary["readback"] = readback
     return summary

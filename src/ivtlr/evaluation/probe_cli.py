@@ -3,6 +3,7 @@
 Answers a split under counterfactual latent chains (fewer latent steps, other K, interventions on the latent text and
 the latent vision; :mod:`ivtlr.evaluation.probe`) and writes ``probe.json``, ``probe.md``, ``probe.png`` and the
 per-question answers (``probe_answers.jsonl``) to ``--out`` (default: save_path/name/probe/<weights>_<split>).
+Conditions the model's family cannot run are skipped, and the report names them with the reason.
 """
 from __future__ import annotations
 
@@ -11,15 +12,16 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import ConfigError, load_config
 from ..files import write_text_atomically
 from ..machine import cpu_model_name
-from .cli import load_eval_examples, load_model, run_label, weights_identity
-from .loading import add_device_argument, add_model_arguments, resolve_device
-from .probe import PROBE_GROUPS, ConditionResult, plan_conditions, probe_summary, run_probe
-from .probe_report import markdown_table, write_probe_outputs
-from .readback import readback_agreement
+from .arguments import PROBE_GROUPS, add_device_argument, add_model_arguments
+from .cli import check_arguments, load_eval_examples, load_model, run_label, weights_identity
+
+if TYPE_CHECKING:
+    from .probe import ConditionResult
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"dataset.eval_split={args.split}"] if args.split else [])
     config = load_config(args.config, overrides)
+    out = args.out if args.out is not None else \
+        config.run_dir / "probe" / f"{run_label(args)}_{config.dataset.eval_split}"
+    check_arguments(args, out)
+    from .loading import resolve_device
+    from .probe import plan_conditions, probe_summary, run_probe, skipped_conditions
+    from .probe_report import markdown_table, skipped_note, write_probe_outputs
+    from .readback import readback_agreement
+
     device = resolve_device(args.device)
     examples = load_eval_examples(config)
     if not len(examples):
@@ -51,12 +61,12 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args, config, device)
     n_latent = model.n_latent(config.eval.n_latent, fallback=config.max_latent_stage)
     k = model.engine.num_selected_patches
+    image_donors = not model.engine.backbone.has_row_features
     try:
-        conditions = plan_conditions(n_latent, k, args.conditions)
+        conditions = plan_conditions(n_latent, k, args.conditions, image_donors=image_donors)
     except ValueError as error:
         raise ConfigError(f"{error} (mode {model.mode})") from error
-    out = args.out if args.out is not None else \
-        config.run_dir / "probe" / f"{run_label(args)}_{config.dataset.eval_split}"
+    skipped = skipped_conditions(k, args.conditions, image_donors=image_donors)
     logger.info("probing %s (mode %s, %d latent steps, K=%d): %d conditions x %d questions -> %s", model.source,
                 model.mode, n_latent, k, len(conditions), len(examples), out)
     start = time.perf_counter()
@@ -70,10 +80,10 @@ def run(args: argparse.Namespace) -> int:
                 "batch_size": config.eval.batch_size, "seed": args.seed, "device": str(device),
                 "cpu": cpu_model_name(), "wall_seconds": time.perf_counter() - start}
     readback = readback_agreement(model, list(examples), results[0].latents) if args.read_latents else None
-    summary = probe_summary(results, run_info, readback)
+    summary = probe_summary(results, run_info, readback, skipped)
     write_probe_outputs(summary, out)
     write_answers(results, out / "probe_answers.jsonl")
-    print(markdown_table(summary))  # noqa: T201 - the command's result
+    print("\n\n".join(filter(None, [markdown_table(summary), skipped_note(summary)])))  # noqa: T201 - the result
     return 0
 
 

@@ -52,12 +52,20 @@ READBACK_NOTE = ("What each latent says: the state each latent step fed back, de
                  "on its own (no prompt, no image), cut at its first newline, against the written step it replaced.")
 
 
+def skipped_note(summary: Mapping) -> str:
+    """One line per condition the model could not run, with the reason; empty when none was skipped."""
+    return "\n".join(f"Skipped: {entry['name']} ({GROUP_TITLES[entry['group']]}): {entry['reason']}."
+                     for entry in summary.get("skipped", ()))
+
+
 def markdown_report(summary: Mapping) -> str:
     run = summary["run"]
     head = (f"# Do the latents matter? `ivtlr probe` on {run['model']}\n\n"
             f"{run['questions']} questions of the {run['split']} split, answer rule `{run['answer_rule']}`, seed "
             f"{run['seed']}; {run['wall_seconds']:.0f} s on {run['cpu']} ({run['device']}).\n\n")
-    report = f"{head}{markdown_table(summary)}\n\n{TABLE_NOTE}\n\n![probe](probe.png)\n"
+    skipped = skipped_note(summary)
+    report = f"{head}{markdown_table(summary)}\n\n{TABLE_NOTE}\n\n" + (f"{skipped}\n\n" if skipped else "") + \
+        "![probe](probe.png)\n"
     if "readback" in summary:
         report += f"\n## What each latent says\n\n{readback_table(summary['readback'])}\n\n{READBACK_NOTE}\n"
     return report

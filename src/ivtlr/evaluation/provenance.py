@@ -9,19 +9,18 @@ second evaluation from appending the same questions to the same file.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..files import write_text_atomically
+from ..files import exclusive_lock, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -118,25 +117,7 @@ def claim_predictions(predictions: Path, provenance: Mapping[str, Any], *, fresh
     write_text_atomically(record, json.dumps(dict(provenance), indent=2, sort_keys=True) + "\n")
 
 
-@contextmanager
-def exclusive_writer(predictions: Path) -> Iterator[None]:
+def exclusive_writer(predictions: Path) -> AbstractContextManager[None]:
     """Hold ``<predictions>.lock`` for the duration; a second writer is refused at once, never interleaved."""
-    lock_path = predictions.with_name(predictions.name + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise ResultsBusy(f"{predictions} is being written by {holder}; wait for it to finish or choose another "
-                              "--out") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"process {os.getpid()}")
-        handle.flush()
-        try:
-            yield
-        finally:
-            handle.truncate(0)
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return exclusive_lock(predictions.with_name(predictions.name + ".lock"), lambda holder: ResultsBusy(
+        f"{predictions} is being written by {holder}; wait for it to finish or choose another --out"))

@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixi
 
 from ..backbones import SUPPORTED_MODEL_TYPES, tiny_spec
 from ..backbones.tiny_spec import TinySizes
+from ..errors import UnsupportedModelSetting
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ class TinyBundle:
 
 def _check_family(family: str) -> None:
     if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
+        raise UnsupportedModelSetting(f"unknown tiny model family {family!r}: use tiny:<family> with one of "
+                                      f"{', '.join(FAMILIES)}")
 
 
 def build_tokenizer(

@@ -1,15 +1,15 @@
-"""``ivtlr train CONFIG [key=value ...]``: the same command on a CPU, one GPU or under ``accelerate launch``."""
+"""``ivtlr train CONFIG [key=value ...]``: the same command on a CPU, one GPU or under ``accelerate launch``.
+
+The config and the output folder are checked before the trainer (torch, transformers, Accelerate) is imported, so a
+mistake in either is one line within a second, not a traceback after the model loaded.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
 
-from accelerate.logging import get_logger
-
 from ..config import load_config
-from .trainer import train
-
-logger = get_logger(__name__)  # main process only
+from ..errors import check_output_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,8 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    check_output_dir(config.run_dir, "save_path/name")
+    from accelerate.logging import get_logger
+
+    from .trainer import train
+
     logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)  # one line per saved file otherwise
-    result = train(load_config(args.config, args.overrides))
-    logger.info("trained %d optimizer steps at %.2f samples/s; newest checkpoint: %s", result.steps,
-                result.samples_per_s, result.checkpoint)
+    result = train(config)
+    get_logger(__name__).info("trained %d optimizer steps at %.2f samples/s; newest checkpoint: %s", result.steps,
+                              result.samples_per_s, result.checkpoint)  # main process only
     return 0

@@ -12,6 +12,7 @@ import numpy as np
 from ..config import Config
 from ..data import ExampleSequence, load_examples
 from ..data.builtin import resolve_source
+from ..errors import DataFileError
 
 def training_examples(config: Config, limit: int | None = None) -> ExampleSequence:
     """The training split; invalid rows are skipped and counted by ``load_examples``. ``limit`` caps the count
@@ -22,7 +23,7 @@ def training_examples(config: Config, limit: int | None = None) -> ExampleSequen
     examples = load_examples(source, dataset.train_split, data_files=data_files, keep_no_image=dataset.keep_no_image,
                              use_context=dataset.use_context, limit=min(caps) if caps else None)
     if not len(examples):
-        raise ValueError(f"no usable training examples in {dataset.source} split {dataset.train_split!r} "
+        raise DataFileError(f"no usable training examples in {dataset.source} split {dataset.train_split!r} "
                          f"(data_files={data_files}); see the warnings above for skipped rows")
     return examples
 

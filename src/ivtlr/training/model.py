@@ -29,7 +29,8 @@ def build_training_model(config: Config) -> tuple[Components, IVTLR]:
                                       dropout=config.lora_dropout, target_modules=config.lora_target_modules,
                                       trainable_token_ids=latent_ids)
     engine = build_engine(components, num_selected_patches=config.num_selected_patches, mode=config.mode,
-                          latent_grad=config.latent_grad, positions=config.positions, patch_order=config.patch_order)
+                          latent_grad=config.latent_grad, positions=config.positions, patch_order=config.patch_order,
+                          vision_bottleneck=config.vision_bottleneck)
     trainable = sum(p.numel() for p in engine.parameters() if p.requires_grad)
     logger.info("%s: %d trainable parameters (%s)", config.model, trainable, "LoRA" if config.use_lora else "full")
     return components, engine.train()  # loaded models start in eval mode: no dropout, no gradient checkpointing

@@ -6,7 +6,11 @@ token of its accumulation window on every process, so the update does not depend
 over processes and micro-batches. Checkpoints (``ivtlr.checkpoint``) are written at every stage end and every
 ``save_every_steps`` optimizer steps (every epoch end when that is null); re-running the same command continues
 from the newest intact one (a damaged newer one is skipped with a warning). ``config.yaml`` is written only when
-training proceeds, so re-running a finished run with other settings leaves the run's record alone. ``debug: true``
+training proceeds, so re-running a finished run with other settings leaves the run's record alone; a continuation
+with another ``lr``, ``weight_decay`` or ``warmup_steps`` trains with it from its next step (logged, and named in
+that step's ``changed`` entry of metrics.jsonl). A step whose loss or gradient norm is inf/NaN stops the run with
+one line (``on_nonfinite: skip`` skips its update instead), and weights an update turned inf/NaN are never saved.
+One training at a time writes a run directory: it holds ``train.lock`` for its whole life. ``debug: true``
 trains on the first examples only (two optimizer steps per epoch), writes metrics.jsonl but no checkpoint, and
 neither resumes nor starts TensorBoard / wandb.
 """
@@ -15,6 +19,8 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,15 +28,18 @@ import torch
 import yaml
 from accelerate import Accelerator, DistributedType
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, set_seed
+from accelerate.utils import (DistributedDataParallelKwargs, GradientAccumulationPlugin, broadcast_object_list,
+                               set_seed)
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..checkpoint import (CheckpointError, CheckpointMeta, checkpoint_dirs, clean_temporary_dirs, load_weights,
                           save_checkpoint, training_state_dir, verify_checkpoint)
-from ..config import Config, save_config
+from ..config import Config, ConfigError, save_config
 from ..data import IGNORE_INDEX, Curriculum, CurriculumDataset, IVTLRCollator
+from ..errors import UserError
+from ..files import exclusive_lock
 from ..metrics_log import MetricsLogger, tracker_names
 from .datasets import epoch_order, process_batches, training_examples
 from .model import build_training_model, fsdp_wrap_classes, latents_at_stage
@@ -40,8 +49,18 @@ logger = get_logger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 CONFIG_FILE = "config.yaml"
+#: Held (flock) by the training writing the run directory, for the whole run; names its process.
+LOCK_FILE = "train.lock"
 #: A debug run trains on this many optimizer steps' worth of examples per epoch and saves no checkpoint.
 DEBUG_STEPS_PER_EPOCH = 2
+
+
+class RunBusy(UserError):
+    """Another process is training into the same run directory."""
+
+
+class NonFiniteTraining(UserError):
+    """The loss, a gradient norm or the weights turned inf/NaN (the lr, the data or the model are at fault)."""
 
 
 @dataclass
@@ -76,6 +95,9 @@ class Trainer:
             # Full fine-tuning includes weights no loss reaches (Chameleon's VQ encoder); LoRA's all get gradients.
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=not config.use_lora)],
         )
+        if config.on_nonfinite == "skip" and self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise ConfigError("on_nonfinite: skip cannot skip a step under DeepSpeed, whose engine updates the "
+                              "weights inside backward, before the loss is checked: use on_nonfinite: stop")
         self.checkpoint_root = config.run_dir / CHECKPOINTS_DIR
         self.global_batch = config.batch_size_training * self.accelerator.num_processes
         self.curriculum = Curriculum(epochs_per_stage=config.epochs_per_stage,
@@ -148,10 +170,34 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ training
     def train(self) -> TrainResult:
+        """Train (or continue) the run, holding its directory's lock throughout."""
+        with self._run_lock():
+            return self._train()
+
+    @contextmanager
+    def _run_lock(self) -> Iterator[None]:
+        """Hold the run directory's lock (on the main process) for the whole run: a second training into the same
+        directory would interleave metrics.jsonl and overwrite checkpoints. Every process stops if another run
+        holds it, before anything is written."""
+        acc, run_dir = self.accelerator, self.config.run_dir
+        with ExitStack() as stack:
+            refusal = None
+            if acc.is_main_process:
+                try:
+                    stack.enter_context(exclusive_lock(run_dir / LOCK_FILE, lambda holder: RunBusy(
+                        f"{run_dir} is being trained by {holder}; wait for it to finish, or choose another name or "
+                        "save_path")))
+                except RunBusy as error:
+                    refusal = str(error)
+            [refusal] = broadcast_object_list([refusal])
+            if refusal is not None:
+                raise RunBusy(refusal)
+            yield
+
+    def _train(self) -> TrainResult:
         config, acc = self.config, self.accelerator
         set_seed(config.seed)
         if acc.is_main_process:
-            config.run_dir.mkdir(parents=True, exist_ok=True)
             clean_temporary_dirs(self.checkpoint_root)
         acc.wait_for_everyone()
         checkpoint, meta = self._checkpoint_to_resume()
@@ -176,8 +222,13 @@ class Trainer:
         # Stepped here once per optimizer step (a prepared scheduler would step once per process).
         scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.warmup_steps)
         engine, optimizer = acc.prepare(engine, optimizer)
+        changed: dict[str, list[float]] = {}
         if checkpoint is not None:
             load_training_state(acc, optimizer, scheduler, training_state_dir(checkpoint, meta), meta)
+            changed = _apply_optimisation_settings(scheduler, config)
+            if changed:
+                logger.info("from step %d: %s", progress.step + 1,
+                            ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items()))
         if acc.is_main_process:
             self._record_config(progress)
         text_config = components.model.config.get_text_config()
@@ -186,7 +237,7 @@ class Trainer:
                                  skip_too_long=True, step_targets=config.step_supervision > 0,
                                  step_regions=config.region_supervision > 0)
         run = _Run(self, engine, optimizer, scheduler, components, CurriculumDataset(examples, self.curriculum),
-                   collator, progress, checkpoint)
+                   collator, progress, checkpoint, changed)
         result = run.epochs()
         acc.end_training()
         return result
@@ -196,11 +247,13 @@ class _Run:
     """The state of one ``Trainer.train`` call: the prepared objects, the progress and the logging sinks."""
 
     def __init__(self, trainer: Trainer, engine, optimizer, scheduler, components, dataset: CurriculumDataset,
-                 collator: IVTLRCollator, progress: Progress, checkpoint: Path | None):
+                 collator: IVTLRCollator, progress: Progress, checkpoint: Path | None,
+                 changed: dict[str, list[float]]):
         self.trainer, self.config, self.acc = trainer, trainer.config, trainer.accelerator
         self.engine, self.optimizer, self.scheduler = engine, optimizer, scheduler
         self.components, self.dataset, self.collator, self.progress = components, dataset, collator, progress
         self.checkpoint = checkpoint  # the newest intact checkpoint: the one resumed, then each one saved
+        self.changed = changed  # settings changed at this continuation, recorded with its first step
         self.metrics = MetricsLogger(self.acc, self.config.run_dir, jsonl="jsonl" in self.config.log_with,
                                      project=self.config.project, run_name=self.config.name,
                                      config=self.config.to_dict(), start_step=progress.step)
@@ -216,40 +269,45 @@ class _Run:
         # Only the steps this run will take: a continuation (resume=E without a checkpoint) starts at step 0.
         steps_left = (steps_per_epoch * max(config.num_epochs - progress.epoch, 0)
                       - math.ceil(progress.batch / accumulation))
+        # Closed also when a step fails, so that the error is the last line a terminal shows.
         bar = tqdm(total=progress.step + steps_left, initial=progress.step, desc=config.name,
                    disable=not self.acc.is_local_main_process, dynamic_ncols=True)
         first_step, start_time, samples = progress.step, time.perf_counter(), 0
         if progress.epoch >= config.num_epochs:
             logger.info("all %d epochs are trained already (%s)", config.num_epochs, self.checkpoint)
-        for epoch in range(progress.epoch, config.num_epochs):
-            stage = curriculum.stage(epoch)
-            self.dataset.set_epoch(epoch)
-            if config.reset_optimizer and progress.batch == 0 and epoch and curriculum.stage(epoch - 1) != stage:
-                _reset_optimizer_state(self.optimizer)
-                logger.info("stage %d: optimizer state reset", stage)
-            batches = self._batches(epoch)
-            # Its own generator: creating the loader must not draw from the global RNG that dropout uses, or a run
-            # resumed mid-epoch would draw different masks than the uninterrupted one.
-            loader = iter(DataLoader(self.dataset, batch_sampler=batches[progress.batch:], collate_fn=self.collator,
-                                     num_workers=config.num_workers, generator=torch.Generator().manual_seed(epoch)))
-            done = progress.batch
-            while done < len(batches):
-                started = time.perf_counter()
-                window = [next(loader) for _ in range(min(accumulation, len(batches) - done))]
-                stats = self._optimizer_step(window)
-                stats["samples_per_s"] = stats["samples"] / (time.perf_counter() - started)  # data loading included
-                done += len(window)
-                epoch_done = done == len(batches)
-                progress.epoch, progress.batch = (epoch + 1, 0) if epoch_done else (epoch, done)
-                progress.step += 1
-                samples += stats["samples"]
-                self.metrics.log({"step": progress.step, "epoch": epoch, "stage": stage, **stats})
-                bar.update(1)
-                bar.set_postfix({"stage": stage, "epoch": epoch, "loss": f"{stats['loss']:.4f}",
-                                 "lr": f"{stats['lr']:.2e}", "samples/s": f"{stats['samples_per_s']:.1f}"})
-                if self._save_due(epoch, epoch_done):
-                    self._save(stage)
-        bar.close()
+        with bar:
+            for epoch in range(progress.epoch, config.num_epochs):
+                stage = curriculum.stage(epoch)
+                self.dataset.set_epoch(epoch)
+                if config.reset_optimizer and progress.batch == 0 and epoch and curriculum.stage(epoch - 1) != stage:
+                    _reset_optimizer_state(self.optimizer)
+                    logger.info("stage %d: optimizer state reset", stage)
+                batches = self._batches(epoch)
+                # Its own generator: creating the loader must not draw from the global RNG that dropout uses, or a run
+                # resumed mid-epoch would draw different masks than the uninterrupted one.
+                loader = iter(DataLoader(self.dataset, batch_sampler=batches[progress.batch:],
+                                         collate_fn=self.collator, num_workers=config.num_workers,
+                                         generator=torch.Generator().manual_seed(epoch)))
+                done = progress.batch
+                while done < len(batches):
+                    started = time.perf_counter()
+                    window = [next(loader) for _ in range(min(accumulation, len(batches) - done))]
+                    stats = self._optimizer_step(window)
+                    stats["samples_per_s"] = stats["samples"] / (time.perf_counter() - started)  # data loading included
+                    done += len(window)
+                    epoch_done = done == len(batches)
+                    progress.epoch, progress.batch = (epoch + 1, 0) if epoch_done else (epoch, done)
+                    progress.step += 1
+                    samples += stats["samples"]
+                    record = {"step": progress.step, "epoch": epoch, "stage": stage, **stats}
+                    if self.changed:
+                        record["changed"], self.changed = self.changed, {}
+                    self.metrics.log(record)
+                    bar.update(1)
+                    bar.set_postfix({"stage": stage, "epoch": epoch, "loss": f"{stats['loss']:.4f}",
+                                     "lr": f"{stats['lr']:.2e}", "samples/s": f"{stats['samples_per_s']:.1f}"})
+                    if self._save_due(epoch, epoch_done):
+                        self._save(stage)
         if self.collator.skipped_too_long:
             logger.warning("%d samples longer than max_length were skipped", self.collator.skipped_too_long)
         elapsed = time.perf_counter() - start_time
@@ -288,15 +346,29 @@ class _Run:
                                    region.detach().float() if region is not None else totals.new_zeros(()),
                                    totals.new_tensor(float(region is not None))])
         grad_norm = acc.clip_grad_norm_(self.engine.parameters(), self.config.max_grad_norm or math.inf)
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad()
-        loss, samples, latents, step_sum, step_count, region_sum, region_count = acc.reduce(totals, "sum").tolist()
         if grad_norm is not None:
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        stats = {"loss": loss / float(window_tokens), "lr": lr, "grad_norm": grad_norm, "samples": int(samples),
+        loss, samples, latents, step_sum, step_count, region_sum, region_count = acc.reduce(totals, "sum").tolist()
+        loss /= float(window_tokens)
+        lr = self.scheduler.get_last_lr()[0]
+        # Equal on every process (reduced), so all of them stop or skip together.
+        finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
+        if not finite and self.config.on_nonfinite == "stop":
+            raise NonFiniteTraining(
+                f"step {self.progress.step + 1} has a non-finite loss ({loss}) or gradient norm ({grad_norm}) at lr "
+                f"{lr:g}: training stopped before updating or saving (newest checkpoint: {self.checkpoint}). Lower "
+                "lr, check the data, or set on_nonfinite: skip to skip such steps; rerun to continue")
+        if finite:
+            self.optimizer.step()
+        else:
+            logger.warning("step %d skipped (on_nonfinite: skip): loss %s, gradient norm %s", self.progress.step + 1,
+                           loss, grad_norm)
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+        stats = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "samples": int(samples),
                  "latents": latents / samples}
+        if not finite:
+            stats["skipped"] = True
         if self.config.step_supervision:
             stats["step_loss"] = step_sum / step_count if step_count else None
         if self.config.region_supervision:
@@ -322,7 +394,21 @@ class _Run:
         stage_done = epoch + 1 == config.num_epochs or curriculum.stage(epoch + 1) != curriculum.stage(epoch)
         return epoch_done and (stage_done or config.save_every_steps is None)
 
+    def _check_weights_finite(self) -> None:
+        """Refuse to save weights an update turned inf/NaN (its loss was still finite): the newest checkpoint
+        must stay one a rerun can continue from."""
+        acc = self.acc
+        bad = [name for name, p in acc.unwrap_model(self.engine).named_parameters()
+               if p.requires_grad and not torch.isfinite(p).all()]
+        count = int(acc.reduce(torch.tensor(len(bad), device=acc.device), "sum"))
+        if count:
+            raise NonFiniteTraining(
+                f"step {self.progress.step} left non-finite weights in {count} tensors (first: "
+                f"{bad[0] if bad else 'on another process'}); their checkpoint was not written (newest: "
+                f"{self.checkpoint}). Lower lr (now {self.config.lr:g}) and rerun to continue from it")
+
     def _save(self, stage: int) -> None:
+        self._check_weights_finite()
         config, engine = self.config, self.acc.unwrap_model(self.engine)
         progress, components = self.progress, self.components
         meta = CheckpointMeta(
@@ -332,11 +418,28 @@ class _Run:
             num_selected_patches=engine.num_selected_patches, n_latent=latents_at_stage(config, stage),
             latents_per_step=config.latents_per_step, positions=config.positions, patch_order=config.patch_order,
             mode=config.mode, image_size=config.image_size, base_seed=config.seed, stage=stage,
+            vision_bottleneck=config.vision_bottleneck,
             epoch=progress.epoch, batch=progress.batch, step=progress.step,
             global_batch_size=self.trainer.global_batch)
         self.checkpoint = save_checkpoint(
             self.acc, self.engine, components.processor, meta, self.trainer.checkpoint_root,
             lambda directory: save_training_state(self.acc, self.scheduler, directory), keep_last=config.keep_last)
+
+
+def _apply_optimisation_settings(scheduler, config: Config) -> dict[str, list[float]]:
+    """Set the configured ``lr`` and ``weight_decay`` over the ones a checkpoint's optimizer and scheduler states
+    brought back, so that a continued run trains with what its config.yaml records; the current lr is recomputed
+    from the step count, which also applies a changed ``warmup_steps`` (the schedule's own setting). Returns
+    ``{key: [restored, now]}`` for each that changed."""
+    groups = scheduler.optimizer.param_groups
+    restored = {"lr": scheduler.base_lrs[0], "weight_decay": groups[0]["weight_decay"]}
+    for group in groups:
+        group["initial_lr"], group["weight_decay"] = config.lr, config.weight_decay
+    scheduler.base_lrs = [config.lr] * len(groups)
+    scheduler.last_epoch -= 1
+    scheduler.step()  # the same step count again: the lr of the next step from the new base lr and warmup
+    now = {"lr": config.lr, "weight_decay": config.weight_decay}
+    return {key: [restored[key], now[key]] for key in now if restored[key] != now[key]}
 
 
 def _reset_optimizer_state(optimizer) -> None:

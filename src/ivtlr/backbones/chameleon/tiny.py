@@ -6,6 +6,7 @@ from transformers import (ChameleonConfig, ChameleonForConditionalGeneration, Ch
 
 from ..tiny_spec import INITIALIZER_RANGE, TinySizes, TinySpec
 from .processor import ChameleonChatProcessor
+from ...errors import UnsupportedModelSetting
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<reserved08706>", "<image>", "<racm3:break>", "<eoss>")
 TOKEN_ROLES = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "sep_token": "<reserved08706>"}
@@ -35,7 +36,7 @@ def code_token_name(code: int) -> str:
 def build_processor(tokenizer: PreTrainedTokenizerFast, image_size: int) -> ChameleonChatProcessor:
     """Images are resized and centre-cropped to ``image_size`` (default 32 -> 64 VQ tokens)."""
     if image_size % DOWNSAMPLING:
-        raise ValueError(f"Chameleon image_size must be a multiple of {DOWNSAMPLING}, got {image_size}")
+        raise UnsupportedModelSetting(f"Chameleon image_size must be a multiple of {DOWNSAMPLING}, got {image_size}")
     image_processor = ChameleonImageProcessorPil(size={"shortest_edge": image_size},
                                                  crop_size={"height": image_size, "width": image_size})
     return ChameleonChatProcessor(image_processor, tokenizer, image_seq_length=(image_size // DOWNSAMPLING) ** 2,

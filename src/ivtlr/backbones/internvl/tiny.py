@@ -7,6 +7,7 @@ from transformers import (GotOcr2ImageProcessorPil, InternVLConfig, InternVLForC
 
 from ..tiny_spec import INITIALIZER_RANGE, TinySizes, TinySpec, qwen_style_text_config
 from .processor import ImageOnlyInternVLProcessor
+from ...errors import UnsupportedModelSetting
 
 # Order fixes the ids (0, 1, 2, ...).
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>")
@@ -44,7 +45,7 @@ def build_processor(tokenizer: PreTrainedTokenizerFast, image_size: int) -> Imag
     """Every image becomes one ``image_size`` tile (default 112 -> 16 image tokens)."""
     factor = int(PATCH_SIZE / DOWNSAMPLE_RATIO)
     if image_size % factor:
-        raise ValueError(f"InternVL image_size must be a multiple of {factor}, got {image_size}")
+        raise UnsupportedModelSetting(f"InternVL image_size must be a multiple of {factor}, got {image_size}")
     image_processor = GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size},
                                                image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
     return ImageOnlyInternVLProcessor(image_processor, tokenizer, image_seq_length=tokens_per_tile(image_size),

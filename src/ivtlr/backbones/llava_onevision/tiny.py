@@ -10,6 +10,7 @@ from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGene
 
 from ..tiny_spec import INITIALIZER_RANGE, TinySizes, TinySpec, qwen_style_text_config
 from .processor import ImageOnlyLlavaOnevisionProcessor
+from ...errors import UnsupportedModelSetting
 
 # Order fixes the ids (0, 1, 2, ...).
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
@@ -37,7 +38,8 @@ ASPECT_RATIO = "anyres_max_9"  # the released checkpoints' setting; one pinpoint
 def build_processor(tokenizer: PreTrainedTokenizerFast, image_size: int) -> ImageOnlyLlavaOnevisionProcessor:
     """Views of ``image_size`` pixels and a single anyres pinpoint of that size (default 56 -> 4x4 patches)."""
     if image_size % PATCH_SIZE:
-        raise ValueError(f"LLaVA-OneVision image_size must be a multiple of {PATCH_SIZE}, got {image_size}")
+        raise UnsupportedModelSetting(f"LLaVA-OneVision image_size must be a multiple of {PATCH_SIZE}, "
+                                      f"got {image_size}")
     image_processor = LlavaOnevisionImageProcessorPil(size={"height": image_size, "width": image_size},
                                                       image_grid_pinpoints=[[image_size, image_size]])
     return ImageOnlyLlavaOnevisionProcessor(image_processor, tokenizer,

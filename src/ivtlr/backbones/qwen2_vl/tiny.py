@@ -8,6 +8,7 @@ from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLF
 
 from ..tiny_spec import INITIALIZER_RANGE, TinySizes, TinySpec, qwen_style_text_config
 from .processor import ImageOnlyQwen2VLProcessor
+from ...errors import UnsupportedModelSetting
 
 # Order fixes the ids (0, 1, 2, ...), matching the layout of the original-code fixtures.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -34,7 +35,7 @@ def build_processor(tokenizer: PreTrainedTokenizerFast, image_size: int) -> Imag
     """Every image is resized to about ``image_size``**2 pixels (default 112 -> 16 merged tokens)."""
     factor = PATCH_SIZE * MERGE_SIZE
     if image_size % factor:
-        raise ValueError(f"Qwen image_size must be a multiple of {factor}, got {image_size}")
+        raise UnsupportedModelSetting(f"Qwen image_size must be a multiple of {factor}, got {image_size}")
     image_processor = Qwen2VLImageProcessorPil(min_pixels=image_size * image_size, max_pixels=image_size * image_size,
                                                patch_size=PATCH_SIZE, merge_size=MERGE_SIZE)
     return ImageOnlyQwen2VLProcessor(image_processor, tokenizer, chat_template=CHAT_TEMPLATE)

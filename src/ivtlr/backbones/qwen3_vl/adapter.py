@@ -30,6 +30,7 @@ class Qwen3VLBackbone(QwenVLBackbone):
     default_num_selected_patches = 32
     # No IVT-LR release predates Qwen3-VL: its checkpoints only exist in the current weight layout.
     legacy_key_renames = ()
+    has_row_features = True  # deepstack
 
     def embed(self, input_ids, vision) -> Embedded:
         """Merged visual tokens placed at the image tokens; their deepstack features as ``row_features``

@@ -7,6 +7,7 @@ from transformers import (PreTrainedTokenizerFast, Qwen2VLImageProcessorPil, Qwe
 from ..qwen2_vl.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, TOKEN_ROLES
 from ..tiny_spec import INITIALIZER_RANGE, TinySizes, TinySpec, qwen_style_text_config
 from .processor import ImageOnlyQwen3VLProcessor
+from ...errors import UnsupportedModelSetting
 
 PATCH_SIZE = 16
 MERGE_SIZE = 2
@@ -20,7 +21,7 @@ def build_processor(tokenizer: PreTrainedTokenizerFast, image_size: int) -> Imag
     """Every image is resized to about ``image_size``**2 pixels (default 128 -> 16 merged tokens)."""
     factor = PATCH_SIZE * MERGE_SIZE
     if image_size % factor:
-        raise ValueError(f"Qwen3-VL image_size must be a multiple of {factor}, got {image_size}")
+        raise UnsupportedModelSetting(f"Qwen3-VL image_size must be a multiple of {factor}, got {image_size}")
     # Qwen3-VL checkpoints normalise with mean = std = 0.5 (Qwen2-VL's processor defaults are CLIP's).
     image_processor = Qwen2VLImageProcessorPil(min_pixels=image_size * image_size, max_pixels=image_size * image_size,
                                                patch_size=PATCH_SIZE, merge_size=MERGE_SIZE,
