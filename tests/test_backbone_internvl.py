@@ -23,7 +23,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
 from ivtlr import IVTLR
 from ivtlr.backbones import get_backbone, load_processor, tiny_spec
 from ivtlr.backbones.internvl.processor import ImageOnlyInternVLProcessor
-from ivtlr.backbones.tiny_spec import TinySizes
+from ivtlr.backbones.tiny_specs import TinySizes
 from ivtlr.checkpoint import checkpoint_dirs, load_checkpoint
 from ivtlr.cli import main
 from ivtlr.data import Example, build_generation_batch, load_examples

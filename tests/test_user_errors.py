@@ -2,7 +2,7 @@
 reveal it, within a second or two, before torch or any model loads (each command checks them first).
 
 Each case runs the real command line in a subprocess. Mistakes that show only once the data or the model is read
-(an unknown tiny family, an image size the family cannot tile, no usable rows, a refused pickle) end the same way,
+(an image size the family cannot tile, no usable rows, a refused pickle) end the same way,
 with the log lines before the error and no model built."""
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def infer(*options: str) -> list[str]:
 
 #: (case id, ivtlr arguments with {root} for the fixture folder, text the error line holds, when it is refused):
 #: "options": the config or the options reveal it, refused before torch loads; "before_model": the data, a model's
-#: config or files reveal it (or the command's own imports come first: the demo), refused before a model is built;
+#: config or files reveal it, refused before a model is built;
 #: "after_model": only the built model's tokenizer reveals it (sample lengths)
 CASES = [
     ("save_path_is_a_file", ["train", "{root}/ok.yaml", "save_path={root}/a_file"], "a_file is a file", "options"),
@@ -100,7 +100,7 @@ CASES = [
     ("original_without_base", infer("--original", "{root}/evil.pth", "--image", "{root}/digit.png"),
      "--original needs --base", "options"),
     ("unknown_tiny_family", ["train", "{root}/ok.yaml", "model=tiny:nope"], "unknown tiny model family 'nope'",
-     "before_model"),
+     "options"),
     ("image_size_the_family_cannot_tile", ["train", "{root}/ok.yaml", "model=tiny:qwen3_vl"],
      "Qwen3-VL image_size must be a multiple of 32, got 56", "before_model"),
     ("no_usable_training_rows", ["train", "{root}/no_rows.yaml"], "no usable training examples", "before_model"),
@@ -111,7 +111,7 @@ CASES = [
     ("original_refused_pickle", infer("--original", "{root}/evil.pth", "--base", "{root}/base", "--image",
                                       "{root}/digit.png"), "unsupported GLOBAL posix.system", "before_model"),
     ("demo_no_workers", ["demo", "--workers", "0", "--out", "{root}/demo"], "--workers must be at least 1",
-     "before_model"),
+     "options"),
 ]
 
 

@@ -16,7 +16,7 @@ COMMANDS = {
     "eval": ("ivtlr.evaluation.cli", "generate and score answers on a test split"),
     "probe": ("ivtlr.evaluation.probe_cli", "do the latents matter? accuracy under counterfactual latent chains"),
     "infer": ("ivtlr.inference", "answer one question about one image, optionally drawing the chosen patches"),
-    "demo": ("ivtlr.demo.run", "train and score IVT-LR and its baselines on bundled digit images, on a CPU"),
+    "demo": ("ivtlr.demo.cli", "train and score IVT-LR and its baselines on bundled digit images, on a CPU"),
 }
 #: ``ivtlr bench NAME`` runs ``ivtlr.bench.NAME.main(argv)``: prints a table, writes JSON.
 BENCHMARKS = ("engine", "inference", "scaling")

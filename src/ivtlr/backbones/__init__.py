@@ -1,17 +1,45 @@
-"""Backbone adapters: everything family-specific, one folder per family (see :mod:`ivtlr.backbones.registry`)."""
+"""Backbone adapters: everything family-specific, one folder per family (see :mod:`ivtlr.backbones.registry`).
+
+The adapter classes load on first use, so that the family names (``SUPPORTED_MODEL_TYPES``) can check a config before
+torch and transformers are imported.
+"""
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-from transformers import ProcessorMixin
-
-from .base import Backbone, Embedded, RegionView, box_token_mask, unwrap_peft
 from .registry import FAMILIES
-from .tiny_spec import TinySpec
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import ProcessorMixin
+
+    from .base import Backbone, Embedded, RegionView, box_token_mask, unwrap_peft
+    from .tiny_specs import TinySpec
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for types in FAMILIES.values() for t in types)
+
+#: public name -> the submodule that defines it
+_LAZY = {"Backbone": "base", "Embedded": "base", "RegionView": "base", "box_token_mask": "base",
+         "unwrap_peft": "base", "TinySpec": "tiny_specs"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+
+
+def check_tiny_family(model: str) -> None:
+    """Refuse ``tiny:<family>`` naming no supported family, before torch loads (the test builders would find out only
+    after importing transformers)."""
+    from ..errors import UnsupportedModelSetting
+
+    family = model.removeprefix("tiny:") if model.startswith("tiny:") else None
+    if family is not None and family not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelSetting(f"unknown tiny model family {family!r}: use tiny:<family> with one of "
+                                      f"{', '.join(SUPPORTED_MODEL_TYPES)}")
 
 
 def family_module(model_type: str) -> ModuleType:
@@ -42,9 +70,12 @@ def tiny_spec(model_type: str) -> TinySpec:
 
 def get_backbone(model: nn.Module) -> Backbone:
     """The adapter for a (possibly PEFT-wrapped) transformers VLM, chosen from its config."""
+    from .base import unwrap_peft
+
     inner = unwrap_peft(model)
     return backbone_class_for(getattr(inner.config, "model_type", type(inner).__name__))(model)
 
 
 __all__ = ["Backbone", "Embedded", "RegionView", "SUPPORTED_MODEL_TYPES", "TinySpec", "backbone_class_for",
-           "box_token_mask", "family_module", "get_backbone", "load_processor", "tiny_spec", "unwrap_peft"]
+           "box_token_mask", "check_tiny_family", "family_module", "get_backbone", "load_processor", "tiny_spec",
+           "unwrap_peft"]

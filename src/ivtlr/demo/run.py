@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -44,7 +43,6 @@ from tqdm.auto import tqdm
 
 from . import report as report_lib
 from ..config import Config, DatasetConfig, EvalConfig
-from ..errors import UserError, check_output_dir
 from ..data import load_examples
 from ..data.curriculum import format_prompt_text, split_rationale, target_text
 from ..data.example import option_letter
@@ -550,27 +548,11 @@ def explain_questions(checkpoint: Path, data: DemoData, count: int, out_dir: Pat
 OUTPUT_PARTS = ("data", "base_model", "runs", "eval", "explain")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run of the whole pipeline in well under a minute (tiny data, 1 epoch per stage)")
-    parser.add_argument("--out", type=Path, default=Path("ivtlr_demo"), help="report folder (default: ivtlr_demo)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the model and the training order")
-    parser.add_argument("--full", action="store_true",
-                        help="also train the ablations: latent text only and latent vision only, under the paper's "
-                             "objective and with the supervision that applies to each (about twice the demo's time)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="runs trained in parallel processes (default: one per core, at most 2)")
-
-
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, workers: int, cores: int) -> int:
+    """The demo with the options ``ivtlr.demo.cli`` checked."""
     for name in ("accelerate.checkpointing", "accelerate.accelerator"):  # a line per saved file otherwise
         logging.getLogger(name).setLevel(logging.WARNING)
     recipe = QUICK if args.quick else FULL
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = args.workers if args.workers is not None else max(1, min(2, cores))
-    if workers < 1:
-        raise UserError(f"--workers must be at least 1, got {workers}")
-    check_output_dir(args.out, "--out")
     variants = VARIANTS if args.full else DEFAULT_VARIANTS
     report = run_demo(recipe, args.out, seed=args.seed, quick=args.quick, workers=workers, cores=cores,
                       variants=variants)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..backbones import check_tiny_family
 from ..config import Config, ConfigError, load_config
 from ..errors import check_output_dir
 from ..files import write_text_atomically
@@ -118,6 +119,7 @@ def run_label(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
+    check_tiny_family(config.model)
     out = args.out if args.out is not None else config.run_dir / "eval"
     check_arguments(args, out)
     from .loading import resolve_device

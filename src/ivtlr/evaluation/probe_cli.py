@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..backbones import check_tiny_family
 from ..config import ConfigError, load_config
 from ..files import write_text_atomically
 from ..machine import cpu_model_name
@@ -46,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"dataset.eval_split={args.split}"] if args.split else [])
     config = load_config(args.config, overrides)
+    check_tiny_family(config.model)
     out = args.out if args.out is not None else \
         config.run_dir / "probe" / f"{run_label(args)}_{config.dataset.eval_split}"
     check_arguments(args, out)

@@ -20,7 +20,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
 from ..backbones import SUPPORTED_MODEL_TYPES, tiny_spec
-from ..backbones.tiny_spec import TinySizes
+from ..backbones.tiny_specs import TinySizes
 from ..errors import UnsupportedModelSetting
 
 logger = logging.getLogger(__name__)

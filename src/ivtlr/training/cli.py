@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..backbones import check_tiny_family
 from ..config import load_config
 from ..errors import check_output_dir
 
@@ -21,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     check_output_dir(config.run_dir, "save_path/name")
+    check_tiny_family(config.model)
     from accelerate.logging import get_logger
 
     from .trainer import train

@@ -4,7 +4,7 @@ from __future__ import annotations
 from transformers import (ChameleonConfig, ChameleonForConditionalGeneration, ChameleonImageProcessorPil,
                           PreTrainedTokenizerFast)
 
-from ..tiny_spec import INITIALIZER_RANGE, TinySizes, TinySpec
+from ..tiny_specs import INITIALIZER_RANGE, TinySizes, TinySpec
 from .processor import ChameleonChatProcessor
 from ...errors import UnsupportedModelSetting
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import (GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration,
                           PreTrainedTokenizerFast)
 
-from ..tiny_spec import INITIALIZER_RANGE, TinySizes, TinySpec, qwen_style_text_config
+from ..tiny_specs import INITIALIZER_RANGE, TinySizes, TinySpec, qwen_style_text_config
 from .processor import ImageOnlyInternVLProcessor
 from ...errors import UnsupportedModelSetting
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
                           LlavaOnevisionImageProcessorPil, PreTrainedTokenizerFast)
 
-from ..tiny_spec import INITIALIZER_RANGE, TinySizes, TinySpec, qwen_style_text_config
+from ..tiny_specs import INITIALIZER_RANGE, TinySizes, TinySpec, qwen_style_text_config
 from .processor import ImageOnlyLlavaOnevisionProcessor
 from ...errors import UnsupportedModelSetting
 

@@ -6,7 +6,7 @@ from functools import partial
 from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
                           Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil)
 
-from ..tiny_spec import INITIALIZER_RANGE, TinySizes, TinySpec, qwen_style_text_config
+from ..tiny_specs import INITIALIZER_RANGE, TinySizes, TinySpec, qwen_style_text_config
 from .processor import ImageOnlyQwen2VLProcessor
 from ...errors import UnsupportedModelSetting
 

@@ -5,7 +5,7 @@ from transformers import (PreTrainedTokenizerFast, Qwen2VLImageProcessorPil, Qwe
                           Qwen3VLForConditionalGeneration)
 
 from ..qwen2_vl.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, TOKEN_ROLES
-from ..tiny_spec import INITIALIZER_RANGE, TinySizes, TinySpec, qwen_style_text_config
+from ..tiny_specs import INITIALIZER_RANGE, TinySizes, TinySpec, qwen_style_text_config
 from .processor import ImageOnlyQwen3VLProcessor
 from ...errors import UnsupportedModelSetting
 
