@@ -11,11 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from accelerate.state import AcceleratorState, GradientState
 from schema_files import write_m3cot_files
-from train_runs import column, single_thread, train_in_process, write_config
+from train_runs import column, single_thread, train_exit_status, train_in_process, write_config
 
-from ivtlr.cli import main
 from ivtlr.training.trainer import LOCK_FILE
 
 pytestmark = pytest.mark.usefixtures(single_thread.__name__)
@@ -38,15 +36,6 @@ def _holder(lock: Path) -> Iterator[subprocess.Popen]:
         process.communicate()
 
 
-def _train_exit(config: Path, *overrides: str) -> int:
-    """``ivtlr train`` in this process, its exit status (train_runs.train_in_process asserts 0)."""
-    try:
-        return main(["train", str(config), *overrides])
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-
-
 def _files(directory: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(directory.rglob("*")) if p.is_file()}
@@ -63,7 +52,7 @@ def test_a_second_training_into_a_held_run_is_refused_and_writes_nothing(config,
     with _holder(run_dir / LOCK_FILE) as holder:
         before = _files(run_dir)
         capsys.readouterr()
-        assert _train_exit(config, "num_epochs=2") == 2
+        assert train_exit_status(config, "num_epochs=2") == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("ivtlr train: error: "), err
         assert f"{run_dir} is being trained by process {holder.pid}" in err

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from schema_files import write_m3cot_files
-from train_runs import checkpoint_weights, column, metrics, single_thread, train_in_process, write_config
+from train_runs import (checkpoint_weights, column, metrics, single_thread, train_exit_status, train_in_process,
+                        write_config)
 
 from ivtlr.checkpoint import checkpoint_dirs, read_meta, verify_checkpoint
-from ivtlr.cli import main
 from ivtlr.data import IVTLRCollator
 
 pytestmark = pytest.mark.usefixtures(single_thread.__name__)
@@ -19,15 +18,6 @@ pytestmark = pytest.mark.usefixtures(single_thread.__name__)
 #: AdamW at its second step with these moves a weight p by about -(lr * weight_decay * p + lr / 0.19 * sign(g)):
 #: beyond float32's 3.4e38 for |p| >= 0.1 (both terms within it, so torch computes the step).
 OVERFLOWING = ("lr=6e37", "weight_decay=5")
-
-
-def _train_exit(config: Path, *overrides: str) -> int:
-    """``ivtlr train`` in this process, its exit status (train_runs.train_in_process asserts 0)."""
-    try:
-        return main(["train", str(config), *overrides])
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
 
 
 def _one_line_error(capsys) -> str:
@@ -60,7 +50,7 @@ def one_good_step(tmp_path) -> tuple[Path, Path]:
 def test_a_loss_turning_non_finite_stops_before_saving(one_good_step, capsys):
     config, run_dir = one_good_step
     # Step 2 overflows the weights (its own loss is finite); step 3's loss is NaN and would end the run with a save.
-    assert _train_exit(config, "num_epochs=3", *OVERFLOWING) == 2
+    assert train_exit_status(config, "num_epochs=3", *OVERFLOWING) == 2
     error = _one_line_error(capsys)
     assert "step 3" in error and "loss" in error and "on_nonfinite" in error
     assert _checkpoint_steps(run_dir) == [1]
@@ -70,7 +60,7 @@ def test_a_loss_turning_non_finite_stops_before_saving(one_good_step, capsys):
 def test_non_finite_weights_are_never_saved(one_good_step, capsys):
     config, run_dir = one_good_step
     # Step 2's loss and gradients are finite, but its update leaves inf/NaN weights, due to be saved right away.
-    assert _train_exit(config, "num_epochs=3", *OVERFLOWING, "save_every_steps=1") == 2
+    assert train_exit_status(config, "num_epochs=3", *OVERFLOWING, "save_every_steps=1") == 2
     error = _one_line_error(capsys)
     assert "step 2" in error and "non-finite" in error
     assert _checkpoint_steps(run_dir) == [1]
@@ -99,7 +89,7 @@ def every_step_saved(tmp_path) -> Path:
 
 
 def test_a_nan_batch_stops_the_run_at_its_step(every_step_saved, nan_second_batch, capsys):
-    assert _train_exit(every_step_saved) == 2
+    assert train_exit_status(every_step_saved) == 2
     error = _one_line_error(capsys)
     assert "step 2" in error and "nan" in error.lower()
     run_dir = every_step_saved.parent / "runs" / "k"

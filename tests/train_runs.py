@@ -49,14 +49,19 @@ def write_config(directory: Path, data_files: dict, schema: str = "m3cot", **key
     return path
 
 
-def train_in_process(config: Path, *overrides: str) -> Path:
-    """``ivtlr train CONFIG overrides`` in this process; returns the run directory."""
+def train_exit_status(config: Path, *overrides: str) -> int:
+    """``ivtlr train CONFIG overrides`` in this process; its exit status."""
     try:
-        assert main(["train", str(config), *overrides]) == 0
+        return main(["train", str(config), *overrides])
     finally:
         # Each run builds its own Accelerator; forget the process-wide state (mixed precision differs between runs).
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+def train_in_process(config: Path, *overrides: str) -> Path:
+    """``ivtlr train CONFIG overrides`` in this process, which must succeed; returns the run directory."""
+    assert train_exit_status(config, *overrides) == 0
     loaded = yaml.safe_load(config.read_text())
     overridden = dict(o.split("=", 1) for o in overrides)
     return Path(overridden.get("save_path", loaded["save_path"])) / overridden.get("name", loaded["name"])

@@ -17,6 +17,14 @@ OPTION_LETTERS = string.ascii_uppercase
 Box = tuple[float, float, float, float]
 
 
+class InvalidExample(ValueError):
+    """A row that cannot become a correct `Example`: `reason` names the kind of defect (skips are counted by it)."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class Example:
     """A validated sample: `answer` is always one of the option letters of `choices`."""

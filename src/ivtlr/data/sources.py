@@ -21,9 +21,9 @@ from PIL import Image
 
 from ..errors import DataFileError, MissingDataFileError
 from .curriculum import split_rationale
-from .example import OPTION_LETTERS, Box, Example, ExampleSequence, decode_image, option_letter
+from .example import OPTION_LETTERS, Box, Example, ExampleSequence, InvalidExample, decode_image, option_letter
 from .visual_cot import REQUIRED_COLUMNS as VISUAL_COT_COLUMNS
-from .visual_cot import VisualCoTRowError, fit_boxes_to_image, visual_cot_converter
+from .visual_cot import fit_boxes_to_image, visual_cot_converter
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +31,6 @@ HUB_IDS = {"m3cot": "LightChen2333/M3CoT", "scienceqa": "derek-thomas/ScienceQA"
 LOCAL_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
 
 DataFiles = str | Path | list[str | Path] | Mapping[str, str | Path | list[str | Path]]
-
-
-class InvalidExample(ValueError):
-    """A row that cannot become a correct `Example`: `reason` names the kind of defect (skips are counted by it)."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -184,14 +176,8 @@ def _row_converter(schema: str, parts: list[_Part]) -> RowConverter:
         return convert
     columns = [name for name in ("answer", "dataset") if name in parts[0].table.column_names]
     to_example = visual_cot_converter(row for part in parts for row in part.table.select_columns(columns))
-
-    def viscot_example(row: Mapping[str, Any], split: str, row_index: int, use_context: bool) -> Example:
-        try:
-            return to_example(row, split, row_index, _row_id(row, split, row_index))
-        except VisualCoTRowError as error:
-            raise InvalidExample(error.reason, error.detail) from error
-
-    return viscot_example
+    return lambda row, split, row_index, use_context: to_example(row, split, row_index,
+                                                                 _row_id(row, split, row_index))
 
 
 def detect_schema(column_names: list[str]) -> str:

@@ -15,13 +15,14 @@ picked and placed by a generator seeded with the record's id, so every load pose
 
 from __future__ import annotations
 
+import math
 import random
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from .example import OPTION_LETTERS, Box, Example
+from .example import OPTION_LETTERS, Box, Example, InvalidExample
 
 #: Columns that name a table as Visual CoT's metadata schema (the rest: width, height, dataset, split, choices).
 REQUIRED_COLUMNS = frozenset({"question", "answer", "image", "bboxs"})
@@ -30,31 +31,21 @@ YES_NO = ("Yes", "No")
 DISTRACTORS = 3
 
 
-class VisualCoTRowError(ValueError):
-    """A record that cannot become an `Example`; `reason` names the kind of defect (the loader counts skips by it)."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-
-
 def merged_box(boxes: Any) -> Box:
     """The box that holds every box of ``boxes`` (pixels, [x0, y0, x1, y1] each), negative corners clipped to 0."""
     if isinstance(boxes, str) or not isinstance(boxes, Sequence) or not boxes:
-        raise VisualCoTRowError("no region box", repr(boxes)[:60])
+        raise InvalidExample("no region box", repr(boxes)[:60])
     corners = []
     for box in boxes:
         values = list(box) if isinstance(box, Sequence) and not isinstance(box, str) else []
-        if len(values) != 4 or not all(isinstance(v, (int, float)) and v == v and abs(v) != float("inf")
-                                       for v in values):
-            raise VisualCoTRowError("bad region box", f"{box!r} is not [x0, y0, x1, y1]")
+        if len(values) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise InvalidExample("bad region box", f"{box!r} is not [x0, y0, x1, y1]")
         corners.append([float(v) for v in values])
     x0 = max(min(box[0] for box in corners), 0.0)
     y0 = max(min(box[1] for box in corners), 0.0)
     x1, y1 = max(box[2] for box in corners), max(box[3] for box in corners)
     if not (x0 < x1 and y0 < y1):
-        raise VisualCoTRowError("bad region box", f"{boxes!r} holds no area")
+        raise InvalidExample("bad region box", f"{boxes!r} holds no area")
     return (x0, y0, x1, y1)
 
 
@@ -67,7 +58,7 @@ def box_step_text(box: Box, width: float, height: float) -> str:
 def _size(row: Mapping[str, Any]) -> tuple[float, float]:
     width, height = row.get("width"), row.get("height")
     if not all(isinstance(v, (int, float)) and v > 0 for v in (width, height)):
-        raise VisualCoTRowError("no image size", f"width {width!r}, height {height!r}")
+        raise InvalidExample("no image size", f"width {width!r}, height {height!r}")
     return float(width), float(height)
 
 
@@ -75,15 +66,15 @@ def _given_choices(row: Mapping[str, Any], answer: str) -> tuple[list[str], str]
     """A record's own options and the letter of its answer (named by its text or its letter)."""
     choices = row["choices"]
     if isinstance(choices, str) or not isinstance(choices, Sequence) or len(choices) < 2:
-        raise VisualCoTRowError("bad options", f"choices {choices!r:.60} is not a list of at least two options")
+        raise InvalidExample("bad options", f"choices {choices!r:.60} is not a list of at least two options")
     if len(choices) > len(OPTION_LETTERS):
-        raise VisualCoTRowError("too many options", f"{len(choices)} options, more than there are letters")
+        raise InvalidExample("too many options", f"{len(choices)} options, more than there are letters")
     texts = [str(choice) for choice in choices]
     if answer in texts:
         return texts, OPTION_LETTERS[texts.index(answer)]
     if len(answer) == 1 and answer.upper() in OPTION_LETTERS[: len(texts)]:
         return texts, answer.upper()
-    raise VisualCoTRowError("answer outside the options", f"{answer!r} is neither an option nor its letter")
+    raise InvalidExample("answer outside the options", f"{answer!r} is neither an option nor its letter")
 
 
 def _posed_choices(answer: str, subset: str, row_id: str, answers_by_subset: Mapping[str, Sequence[str]]
@@ -94,7 +85,7 @@ def _posed_choices(answer: str, subset: str, row_id: str, answers_by_subset: Map
         return list(YES_NO), OPTION_LETTERS[[choice.lower() for choice in YES_NO].index(answer.lower())]
     others = [other for other in answers_by_subset.get(subset, ()) if other.lower() != answer.lower()]
     if not others:
-        raise VisualCoTRowError("no distractors", f"no other answer in subset {subset!r} to pose options with")
+        raise InvalidExample("no distractors", f"no other answer in subset {subset!r} to pose options with")
     choices = rng.sample(others, min(DISTRACTORS, len(others)))
     position = rng.randrange(len(choices) + 1)
     choices.insert(position, answer)
@@ -119,10 +110,10 @@ def visual_cot_converter(rows: Iterable[Mapping[str, Any]]
     def to_example(row: Mapping[str, Any], split: str, row_index: int, row_id: str) -> Example:
         question = str(row.get("question") or "")
         if not question.strip():
-            raise VisualCoTRowError("empty question")
+            raise InvalidExample("empty question")
         answer = str(row.get("answer") or "").strip()
         if not answer:
-            raise VisualCoTRowError("empty answer")
+            raise InvalidExample("empty answer")
         width, height = _size(row)
         box = merged_box(row.get("bboxs"))
         subset = str(row.get("dataset") or "")

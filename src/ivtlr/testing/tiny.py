@@ -19,9 +19,8 @@ from PIL import Image
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
-from ..backbones import SUPPORTED_MODEL_TYPES, tiny_spec
+from ..backbones import SUPPORTED_MODEL_TYPES, check_tiny_family, tiny_spec
 from ..backbones.tiny_specs import TinySizes
-from ..errors import UnsupportedModelSetting
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +83,7 @@ class TinyBundle:
 
 
 def _check_family(family: str) -> None:
-    if family not in FAMILIES:
-        raise UnsupportedModelSetting(f"unknown tiny model family {family!r}: use tiny:<family> with one of "
-                                      f"{', '.join(FAMILIES)}")
+    check_tiny_family(f"tiny:{family}")
 
 
 def build_tokenizer(
