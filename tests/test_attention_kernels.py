@@ -10,7 +10,7 @@ from transformers.masking_utils import causal_mask_function, sdpa_mask
 
 from engine_inputs import SampleSpec, make_batch
 from ivtlr import IVTLR
-from ivtlr.attention_rows import additive_mask_on_cpu, grouped_query_sdpa
+from ivtlr.method.attention_rows import additive_mask_on_cpu, grouped_query_sdpa
 from ivtlr.testing import FAMILIES, build_tiny
 
 

@@ -24,10 +24,11 @@ from ivtlr import IVTLR
 from ivtlr.backbones import get_backbone, load_processor, tiny_spec
 from ivtlr.backbones.internvl.processor import ImageOnlyInternVLProcessor
 from ivtlr.backbones.tiny_specs import TinySizes
-from ivtlr.checkpoint import checkpoint_dirs, load_checkpoint
+from ivtlr.checkpoint import checkpoint_dirs
+from ivtlr.loading import load_checkpoint
 from ivtlr.cli import main
 from ivtlr.data import Example, build_generation_batch, load_examples
-from ivtlr.explain import patch_grid_boxes
+from ivtlr.evaluation.explain import patch_grid_boxes
 from ivtlr.testing import TinyBundle, build_tiny, make_test_image
 
 FAMILY = "internvl"

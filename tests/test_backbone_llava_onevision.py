@@ -23,12 +23,12 @@ from ivtlr import IVTLR
 from ivtlr.backbones import get_backbone, load_processor
 from ivtlr.backbones.llava_onevision.geometry import anyres_layout
 from ivtlr.backbones.llava_onevision.processor import ImageOnlyLlavaOnevisionProcessor
-from ivtlr.checkpoint import checkpoint_dirs, load_checkpoint
+from ivtlr.checkpoint import checkpoint_dirs
+from ivtlr.loading import load_checkpoint
 from ivtlr.cli import main
 from ivtlr.config import load_config
-from ivtlr.data import (Example, IVTLRCollator, TrainingItem, build_generation_batch, format_prompt_text,
-                        load_examples)
-from ivtlr.explain import MIN_CELL_PX, STEP_PALETTE
+from ivtlr.data import Example, IVTLRCollator, TrainingItem, build_generation_batch, format_prompt_text, load_examples
+from ivtlr.evaluation.explain import MIN_CELL_PX, STEP_PALETTE
 from ivtlr.testing import build_tiny, build_tokenizer, make_test_image
 from schema_files import digit_image, write_m3cot_files
 from test_eval import decode, run_eval

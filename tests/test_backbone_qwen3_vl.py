@@ -17,7 +17,8 @@ from PIL import Image
 from engine_inputs import SampleSpec, make_batch
 from ivtlr import IVTLR
 from ivtlr.backbones import get_backbone, load_processor
-from ivtlr.checkpoint import checkpoint_dirs, load_checkpoint
+from ivtlr.checkpoint import checkpoint_dirs
+from ivtlr.loading import load_checkpoint
 from ivtlr.cli import main
 from ivtlr.config import load_config
 from ivtlr.data import Example, build_generation_batch, load_examples

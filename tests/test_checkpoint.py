@@ -11,7 +11,8 @@ from schema_files import write_m3cot_files
 from train_runs import checkpoint_weights, single_thread, train_in_process, write_config
 
 from ivtlr.checkpoint import (ADAPTER_FILE, FULL_WEIGHTS_FILE, META_FILE, CheckpointError, checkpoint_dirs,
-                              clean_temporary_dirs, latest_checkpoint, load_checkpoint, load_weights, read_meta)
+                              clean_temporary_dirs, latest_checkpoint, load_weights, read_meta)
+from ivtlr.loading import load_checkpoint
 from ivtlr.data import build_generation_batch, load_examples
 from ivtlr.modeling import apply_lora, load_components
 

@@ -16,9 +16,10 @@ import torch
 from schema_files import write_m3cot_files
 from train_runs import checkpoint_weights, final_weights, single_thread, train_in_process, write_config
 
-from ivtlr.checkpoint import (DESCRIPTION_DIGEST_KEY, FORMAT_VERSION, FULL_WEIGHTS_FILE, META_FILE,
-                              TRAINING_STATE_DIR, CheckpointError, checkpoint_dirs, latest_checkpoint, load_checkpoint,
-                              load_weights, read_meta, verify_checkpoint)
+from ivtlr.checkpoint import (DESCRIPTION_DIGEST_KEY, FORMAT_VERSION, FULL_WEIGHTS_FILE, META_FILE, TRAINING_STATE_DIR,
+                              CheckpointError, checkpoint_dirs, latest_checkpoint, load_weights, read_meta,
+                              verify_checkpoint)
+from ivtlr.loading import load_checkpoint
 from ivtlr.modeling import load_components
 from ivtlr.training.state import LEGACY_RNG_FILE, LEGACY_SCHEDULER_FILE, RNG_FILE, SCHEDULER_FILE
 

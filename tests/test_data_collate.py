@@ -9,16 +9,8 @@ import torch
 from PIL import Image
 from schema_files import digit_image
 
-from ivtlr.data import (
-    IGNORE_INDEX,
-    Example,
-    IVTLRCollator,
-    TrainingItem,
-    build_generation_batch,
-    chat_prompt,
-    format_prompt_text,
-    resize_image,
-)
+from ivtlr.data import (IGNORE_INDEX, Example, IVTLRCollator, TrainingItem, build_generation_batch, chat_prompt,
+                        format_prompt_text, resize_image)
 from ivtlr.data.prompt_cache import PromptCache
 from ivtlr.testing import FAMILIES, TinyBundle, build_tiny
 

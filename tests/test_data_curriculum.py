@@ -1,21 +1,12 @@
-"""Curriculum rules of DESIGN.md §1.2, checked on exact expected values."""
+"""Curriculum rules of docs/design.md, checked on exact expected values."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from ivtlr.data import (
-    Curriculum,
-    CurriculumDataset,
-    Example,
-    TrainingItem,
-    format_prompt_text,
-    latent_plan,
-    split_rationale,
-    stage_for_epoch,
-    target_text,
-)
+from ivtlr.data import (Curriculum, CurriculumDataset, Example, TrainingItem, format_prompt_text, latent_plan,
+                        split_rationale, stage_for_epoch, target_text)
 
 
 @pytest.mark.parametrize(

@@ -11,15 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from schema_files import (
-    digit_image,
-    m3cot_rows,
-    png_bytes,
-    scienceqa_rows,
-    write_m3cot_files,
-    write_rows,
-    write_scienceqa_files,
-)
+from schema_files import (digit_image, m3cot_rows, png_bytes, scienceqa_rows, write_m3cot_files, write_rows,
+                          write_scienceqa_files)
 
 from ivtlr.data import Example, detect_schema, load_examples
 from ivtlr.data.example import decode_image

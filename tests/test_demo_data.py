@@ -10,15 +10,8 @@ import pytest
 from datasets import load_dataset
 from sklearn.datasets import load_digits
 
-from ivtlr.data.digits import (
-    FOLLOW_POINTERS,
-    PALETTE,
-    READ_CELL,
-    SPLITS,
-    build_digit_reasoning,
-    compose_digit_puzzles,
-    write_digit_reasoning,
-)
+from ivtlr.data.digits import (FOLLOW_POINTERS, PALETTE, READ_CELL, SPLITS, build_digit_reasoning,
+                               compose_digit_puzzles, write_digit_reasoning)
 from ivtlr.data.curriculum import split_rationale
 
 M3COT_FIELDS = {
@@ -41,7 +34,7 @@ def many_puzzles():
 
 
 def split_steps(rationale: str) -> list[str]:
-    """DESIGN §1.2's splitter for rationales of at most three sentences (no merging needed)."""
+    """The curriculum's splitter for rationales of at most three sentences (no merging needed)."""
     pieces = rationale.replace("\n", " ").split(". ")
     return pieces[:-1] if pieces and not pieces[-1] else pieces
 

@@ -12,13 +12,14 @@ import yaml
 
 from fixture_processor import IMAGE_SIZE, QWEN_FIXTURE, base_with_processor
 from ivtlr import IVTLR
-from ivtlr.checkpoint import latest_checkpoint, load_checkpoint
+from ivtlr.checkpoint import latest_checkpoint
+from ivtlr.loading import load_checkpoint
 from ivtlr.cli import main
 from ivtlr.config import Config
 from ivtlr.data import build_generation_batch, format_prompt_text, load_examples
-from ivtlr.evaluation import load_config_model
+from ivtlr.loading import load_config_model
 from ivtlr.backbones import load_processor
-from ivtlr.scoring import read_jsonl
+from ivtlr.evaluation.records import read_jsonl
 from schema_files import m3cot_rows, scienceqa_rows, write_m3cot_files, write_rows, write_scienceqa_files
 from train_runs import train_in_process
 from train_runs import write_config as write_training_config

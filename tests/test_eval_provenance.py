@@ -8,7 +8,7 @@ import pytest
 
 from ivtlr.cli import main
 from ivtlr.evaluation.provenance import exclusive_writer
-from ivtlr.scoring import read_jsonl
+from ivtlr.evaluation.records import read_jsonl
 from schema_files import m3cot_rows, write_m3cot_files, write_rows
 from test_eval import TINY, run_eval, write_config
 from train_runs import train_in_process

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from ivtlr.explain import OUTLINE_PX, patch_grid_boxes, render_selection, save_selection_png
+from ivtlr.evaluation.explain import OUTLINE_PX, patch_grid_boxes, render_selection, save_selection_png
 
 # matplotlib's tab10 minus its grey, written out independently of the module.
 TAB10_NO_GREY = [

@@ -11,13 +11,14 @@ from PIL import Image
 
 from fixture_processor import IMAGE_SIZE, QWEN_FIXTURE, base_with_processor
 from ivtlr import IVTLR
-from ivtlr.checkpoint import latest_checkpoint, load_checkpoint
+from ivtlr.checkpoint import latest_checkpoint
+from ivtlr.loading import load_checkpoint
 from ivtlr.cli import main
 from ivtlr.data import Example, build_generation_batch
-from ivtlr.explain import OUTLINE_PX, STEP_PALETTE, patch_grid_boxes
+from ivtlr.evaluation.explain import OUTLINE_PX, STEP_PALETTE, patch_grid_boxes
 from ivtlr.backbones import get_backbone
 from ivtlr.backbones import load_processor
-from ivtlr.scoring import extract_answer
+from ivtlr.evaluation.answers import extract_answer
 from ivtlr.testing import build_tiny, make_test_image
 from schema_files import digit_image, write_m3cot_files
 from train_runs import train_in_process, write_config
@@ -104,7 +105,7 @@ def test_infer_from_a_trained_checkpoint(tmp_path, capsys, caplog):
 
     # A picture that cannot be written (its folder is a file) costs a warning, not the answer.
     unwritable = picture / "steps.png"
-    with caplog.at_level(logging.WARNING, logger="ivtlr.inference"):
+    with caplog.at_level(logging.WARNING, logger="ivtlr.evaluation.infer"):
         assert main(["infer", "--checkpoint", str(checkpoint), "--image", str(image_path), "--question", QUESTION,
                      "--choices", *CHOICES, "--max-new-tokens", "5", "--explain", str(unwritable)]) == 0
     assert capsys.readouterr().out.splitlines()[-2:] == printed_lines(text, CHOICES)

@@ -7,8 +7,8 @@ import torch
 
 from engine_inputs import SampleSpec, make_batch
 from ivtlr import IVTLR
-from ivtlr.interventions import LatentIntervention
-from ivtlr.recompute import eager_attention
+from ivtlr.method.interventions import LatentIntervention
+from ivtlr.method.recompute import eager_attention
 from ivtlr.testing import TinyBundle, build_tiny
 from test_generation import prompt_batch, unpadded
 

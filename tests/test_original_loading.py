@@ -8,7 +8,6 @@ from ivtlr import IVTLR
 from ivtlr.original import OriginalCheckpointError
 from test_original_fixtures import FIXTURES
 
-pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"fixtures not found at {FIXTURES}")
 QWEN = FIXTURES / "qwen2vl"
 
 

@@ -11,11 +11,11 @@ from ivtlr.cli import main
 from ivtlr.config import load_config
 from ivtlr.data import load_examples
 from ivtlr.data.curriculum import split_rationale
-from ivtlr.evaluation import load_config_model
+from ivtlr.loading import load_config_model
 from ivtlr.evaluation.probe import PROBE_GROUPS, plan_conditions, run_probe
-from ivtlr.scoring import read_jsonl
+from ivtlr.evaluation.records import read_jsonl
 from ivtlr.evaluation.probe_report import plot_probe
-from ivtlr.scoring import wilson_interval
+from ivtlr.evaluation.records import wilson_interval
 from schema_files import write_m3cot_files
 from test_eval import TINY, run_eval, write_config
 

@@ -4,21 +4,9 @@ from dataclasses import replace
 
 import pytest
 
-from ivtlr.scoring import (
-    PredictionRecord,
-    accuracy_by_rule,
-    append_jsonl,
-    extract_answer,
-    format_summary_table,
-    is_correct,
-    load_done_ids,
-    loose_candidates,
-    option_letters,
-    read_jsonl,
-    read_predictions,
-    scienceqa_context_type,
-    summarize,
-)
+from ivtlr.evaluation.answers import extract_answer, is_correct, loose_candidates, option_letters
+from ivtlr.evaluation.records import (PredictionRecord, accuracy_by_rule, append_jsonl, format_summary_table,
+                                      load_done_ids, read_jsonl, read_predictions, scienceqa_context_type, summarize)
 
 FOUR = ["cat", "dog", "bird", "fish"]
 
@@ -225,7 +213,7 @@ def test_jsonl_round_trip_and_truncated_last_line(tmp_path, caplog):
     with path.open("a", encoding="utf-8") as out:  # a crash in the middle of writing record 5
         out.write(json.dumps(records[4].to_dict())[:25])
 
-    with caplog.at_level(logging.WARNING, logger="ivtlr.scoring"):
+    with caplog.at_level(logging.WARNING, logger="ivtlr.evaluation.records"):
         assert read_predictions(path) == records[:4]
     assert "truncated" in caplog.text
     assert load_done_ids(path) == {"1", "2", "3", "4"}

@@ -1,6 +1,6 @@
-"""Step and region supervision of latent steps (``ivtlr.supervision``) against independent computations: the model's
-own forward on the fed row and the step's tokens, an eager full pass's attention maps, the recompute path, batches of
-one, and a manual greedy decode."""
+"""Step and region supervision of latent steps (``ivtlr.method.supervision``) against independent computations: the
+model's own forward on the fed row and the step's tokens, an eager full pass's attention maps, the recompute path,
+batches of one, and a manual greedy decode."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from engine_inputs import SampleSpec, make_batch
 from ivtlr import IVTLR
 from ivtlr.backbones import RegionView, box_token_mask, get_backbone
-from ivtlr.supervision import decode_latent_states
+from ivtlr.method.supervision import decode_latent_states
 from ivtlr.testing import FAMILIES, build_tiny
 from test_engine import MIXED, QUESTION, _assert_grads_close
 

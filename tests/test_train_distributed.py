@@ -16,7 +16,8 @@ from schema_files import write_m3cot_files, write_scienceqa_files
 from train_runs import (accelerate_command, column, final_weights, max_difference, run_subprocess, single_thread,
                         train_in_process, write_config)
 
-from ivtlr.checkpoint import latest_checkpoint, load_checkpoint
+from ivtlr.checkpoint import latest_checkpoint
+from ivtlr.loading import load_checkpoint
 from ivtlr.modeling import build_engine, load_components
 from ivtlr.testing.tiny import FAMILIES
 from ivtlr.training.model import fsdp_wrap_classes

@@ -7,7 +7,8 @@ import torch
 from schema_files import write_m3cot_files, write_scienceqa_files
 from train_runs import checkpoint_weights, metrics, single_thread, train_in_process, write_config
 
-from ivtlr.checkpoint import checkpoint_dirs, load_checkpoint
+from ivtlr.checkpoint import checkpoint_dirs
+from ivtlr.loading import load_checkpoint
 from ivtlr.data import build_generation_batch, load_examples
 from ivtlr.modeling import load_components
 

@@ -17,7 +17,7 @@ from schema_files import write_m3cot_files
 from train_runs import subprocess_env
 
 from ivtlr.data import Curriculum, CurriculumDataset, IVTLRCollator, load_examples
-from ivtlr.engine import IVTLR
+from ivtlr.method.engine import IVTLR
 from ivtlr.modeling import Components, apply_lora, build_engine, load_components
 from ivtlr.training.model import fsdp_wrap_classes
 

@@ -106,7 +106,7 @@ CASES = [
     ("no_usable_training_rows", ["train", "{root}/no_rows.yaml"], "no usable training examples", "before_model"),
     ("every_sample_too_long", ["train", "{root}/ok.yaml", "max_length=20"], "longer than max_length=20", "after_model"),
     ("original_base_unreachable", infer("--original", "{root}/evil.pth", "--base", "no-such-org/no-such-model",
-                                        "--image", "{root}/digit.png"), "cannot load --base no-such-org",
+                                        "--image", "{root}/digit.png"), "cannot load the base model no-such-org",
      "before_model"),
     ("original_refused_pickle", infer("--original", "{root}/evil.pth", "--base", "{root}/base", "--image",
                                       "{root}/digit.png"), "unsupported GLOBAL posix.system", "before_model"),

@@ -9,7 +9,8 @@ import torch
 from engine_inputs import SampleSpec, make_batch
 from ivtlr import IVTLR
 from ivtlr.backbones import get_backbone
-from ivtlr.checkpoint import latest_checkpoint, load_checkpoint, read_meta
+from ivtlr.checkpoint import latest_checkpoint, read_meta
+from ivtlr.loading import load_checkpoint
 from ivtlr.config import Config, ConfigError
 from ivtlr.testing import FAMILIES, build_tiny
 from schema_files import write_m3cot_files

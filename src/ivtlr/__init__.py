@@ -9,14 +9,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .backbones import SUPPORTED_MODEL_TYPES, get_backbone
-    from .engine import IVTLR, GenerationOutput, IVTLROutput
+    from ivtlr.backbones import SUPPORTED_MODEL_TYPES, get_backbone
+    from ivtlr.loading import LoadedModel, load
+    from ivtlr.method.engine import IVTLR, GenerationOutput, IVTLROutput
 
 #: public name -> the submodule that defines it
-_LAZY = {"IVTLR": "engine", "IVTLROutput": "engine", "GenerationOutput": "engine", "get_backbone": "backbones",
-         "SUPPORTED_MODEL_TYPES": "backbones"}
+_LAZY = {"IVTLR": "method.engine", "IVTLROutput": "method.engine", "GenerationOutput": "method.engine",
+         "load": "loading", "LoadedModel": "loading", "get_backbone": "backbones", "SUPPORTED_MODEL_TYPES": "backbones"}
 
-__all__ = ["IVTLR", "IVTLROutput", "GenerationOutput", "get_backbone", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["IVTLR", "IVTLROutput", "GenerationOutput", "load", "LoadedModel", "get_backbone", "SUPPORTED_MODEL_TYPES"]
 __version__ = "0.1.0"
 
 

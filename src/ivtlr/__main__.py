@@ -1,6 +1,6 @@
 """``python -m ivtlr`` (what ``accelerate launch -m ivtlr`` runs)."""
 import sys
 
-from .cli import main
+from ivtlr.cli import main
 
 sys.exit(main())

@@ -1,13 +1,15 @@
-"""Training checkpoints: model weights an evaluation can load on their own, plus the state to resume training.
+"""Checkpoint storage: model weights an evaluation can load on their own, plus the state to resume training.
+
+This module only stores and checks files (it builds no model: :func:`ivtlr.loading.load_checkpoint` does).
 
 A checkpoint is a directory ``checkpoint-<step>`` holding
 
 - the trained weights: the PEFT adapter (``adapter_model.safetensors``) for a LoRA run, the full model
   (``model.safetensors`` + ``config.json``) otherwise;
 - the processor and its tokenizer (``save_pretrained``), latent tokens included;
-- ``ivtlr.json``: what :func:`load_checkpoint` needs to rebuild the engine without the training config (base model,
-  latent token ids, K, number of latents, positions, patch order, mode, image size), the training position, a
-  manifest of every file with its size and SHA-256 digest, and the digest of the description itself;
+- ``ivtlr.json``: what :func:`ivtlr.loading.load_checkpoint` needs to rebuild the engine without the training config
+  (base model, latent token ids, K, number of latents, positions, patch order, mode, image size), the training
+  position, a manifest of every file with its size and SHA-256 digest, and the digest of the description itself;
 - ``training_state/``: optimizer, scheduler and RNG states (``ivtlr.training.state``), all readable with
   ``torch.load(weights_only=True)``.
 
@@ -34,10 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .engine import IVTLR
-from .errors import NoSpaceLeft, UserError, is_out_of_space
-from .modeling import Components, build_engine, load_components, model_source
-from .backbones import load_processor
+from ivtlr.errors import NoSpaceLeft, UserError, is_out_of_space
 
 logger = logging.getLogger(__name__)
 
@@ -274,41 +273,6 @@ def load_weights(model: nn.Module, path: str | os.PathLike, meta: CheckpointMeta
         except RuntimeError as error:
             raise CheckpointError(f"the weights in {path} do not fit the model ({error})") from error
     return meta
-
-
-def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-                    attn_implementation: str = "sdpa") -> tuple[IVTLR, Components, CheckpointMeta]:
-    """Rebuild the trained engine from a checkpoint directory alone, in eval mode.
-
-    The base model is loaded from its recorded name (a base from a model source such as ``tiny:`` is rebuilt from
-    its recorded seed and image size), the latent tokens added, then the adapter or full weights loaded; the
-    processor is the checkpoint's own.
-    A full-weights checkpoint of a real model is loaded directly from the directory.
-    """
-    from peft import PeftModel
-
-    path = Path(path)
-    meta = verify_checkpoint(path)
-    if meta.weights == "full" and model_source(meta.base_model)[0] is None:
-        components = load_components(str(path), dtype=dtype, attn_implementation=attn_implementation)
-    else:
-        components = load_components(meta.base_model, dtype=dtype, attn_implementation=attn_implementation,
-                                     image_size=meta.image_size, seed=meta.base_seed)
-        if meta.weights == "lora":
-            components.model = PeftModel.from_pretrained(components.model, str(path))
-        else:
-            load_weights(components.model, path, meta)
-    components.processor = load_processor(str(path), meta.model_type)
-    components.tokenizer = components.processor.tokenizer
-    found = (components.latent_token_id, components.start_latent_id, components.end_latent_id)
-    expected = (meta.latent_token_id, meta.start_latent_id, meta.end_latent_id)
-    if found != expected:
-        raise CheckpointError(f"latent token ids {found} of the rebuilt model differ from {expected} in "
-                              f"{path / META_FILE}")
-    engine = build_engine(components, num_selected_patches=meta.num_selected_patches, mode=meta.mode,
-                          positions=meta.positions, patch_order=meta.patch_order,
-                          vision_bottleneck=meta.vision_bottleneck)
-    return engine.eval(), components, meta
 
 
 def _fsync_tree(path: Path) -> None:

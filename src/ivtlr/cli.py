@@ -8,14 +8,14 @@ import os
 import sys
 from collections.abc import Callable
 
-from .errors import UserError
+from ivtlr.errors import UserError
 
 #: command -> (module, help). The module provides ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS = {
     "train": ("ivtlr.training.cli", "train a model with the progressive latent curriculum (Accelerate-ready)"),
     "eval": ("ivtlr.evaluation.cli", "generate and score answers on a test split"),
     "probe": ("ivtlr.evaluation.probe_cli", "do the latents matter? accuracy under counterfactual latent chains"),
-    "infer": ("ivtlr.inference", "answer one question about one image, optionally drawing the chosen patches"),
+    "infer": ("ivtlr.evaluation.infer", "answer one question about one image, optionally drawing the chosen patches"),
     "demo": ("ivtlr.demo.cli", "train and score IVT-LR and its baselines on bundled digit images, on a CPU"),
 }
 #: ``ivtlr bench NAME`` runs ``ivtlr.bench.NAME.main(argv)``: prints a table, writes JSON.

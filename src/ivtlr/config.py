@@ -22,8 +22,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .errors import UserError
-from .modes import LATENT_MODES, Mode
+from ivtlr.errors import UserError
+from ivtlr.modes import LATENT_MODES, Mode
 
 PositionMode = Literal["original", "mrope"]
 LatentGrad = Literal["detach", "full"]
@@ -97,7 +97,7 @@ class Config:
     positions: PositionMode = "original"
     latent_grad: LatentGrad = "detach"
     patch_order: PatchOrder = "position"
-    # Supervision of the latent steps (ivtlr.supervision); 0 = off, the paper's objective.
+    # Supervision of the latent steps (ivtlr.method.supervision); 0 = off, the paper's objective.
     step_supervision: float = 0.0  # weight of the step loss: each latent state decodes the written step it replaced
     region_supervision: float = 0.0  # weight of the region loss: attention on the region a step reads (step_boxes)
     vision_bottleneck: bool = False  # rows after the prompt see the image only through the patches latent steps insert

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import NoSpaceLeft, is_out_of_space
+from ivtlr.errors import NoSpaceLeft, is_out_of_space
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText
 
-from .backbones import backbone_class_for, load_processor, unwrap_peft
-from .engine import IVTLR
-from .errors import UserError
-from .modes import mode_spec
+from ivtlr.backbones import backbone_class_for, load_processor, unwrap_peft
+from ivtlr.method.engine import IVTLR
+from ivtlr.errors import UserError
+from ivtlr.modes import mode_spec
 
 logger = logging.getLogger(__name__)
 

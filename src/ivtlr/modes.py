@@ -13,7 +13,7 @@ class ModeSpec:
     """One mode.
 
     ``curriculum``: ``latent`` (written steps progressively replaced by latent steps), ``written`` (the whole
-    rationale, CoT) or ``answer`` (no rationale, No-CoT). ``engine_options``: the :class:`~ivtlr.engine.IVTLR`
+    rationale, CoT) or ``answer`` (no rationale, No-CoT). ``engine_options``: the :class:`~ivtlr.method.engine.IVTLR`
     options that realise it.
     """
 

@@ -15,7 +15,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 
-from .backbones import backbone_class_for
+from ivtlr.backbones import backbone_class_for
 
 logger = logging.getLogger(__name__)
 

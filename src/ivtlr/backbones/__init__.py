@@ -9,14 +9,14 @@ import importlib
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from .registry import FAMILIES
+from ivtlr.backbones.registry import FAMILIES
 
 if TYPE_CHECKING:
     from torch import nn
     from transformers import ProcessorMixin
 
-    from .base import Backbone, Embedded, RegionView, box_token_mask, unwrap_peft
-    from .tiny_specs import TinySpec
+    from ivtlr.backbones.base import Backbone, Embedded, RegionView, box_token_mask, unwrap_peft
+    from ivtlr.backbones.tiny_specs import TinySpec
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for types in FAMILIES.values() for t in types)
 
@@ -34,7 +34,7 @@ def __getattr__(name: str) -> Any:
 def check_tiny_family(model: str) -> None:
     """Refuse ``tiny:<family>`` naming no supported family, before torch loads (the test builders would find out only
     after importing transformers)."""
-    from ..errors import UnsupportedModelSetting
+    from ivtlr.errors import UnsupportedModelSetting
 
     family = model.removeprefix("tiny:") if model.startswith("tiny:") else None
     if family is not None and family not in SUPPORTED_MODEL_TYPES:
@@ -70,7 +70,7 @@ def tiny_spec(model_type: str) -> TinySpec:
 
 def get_backbone(model: nn.Module) -> Backbone:
     """The adapter for a (possibly PEFT-wrapped) transformers VLM, chosen from its config."""
-    from .base import unwrap_peft
+    from ivtlr.backbones.base import unwrap_peft
 
     inner = unwrap_peft(model)
     return backbone_class_for(getattr(inner.config, "model_type", type(inner).__name__))(model)

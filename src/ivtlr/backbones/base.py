@@ -1,6 +1,6 @@
 """The backbone interface: everything the engine needs to know about a model family, and nothing more.
 
-The engine (``ivtlr.engine``) never names a model family; it asks a :class:`Backbone` for input-level embeddings,
+The engine (``ivtlr.method.engine``) never names a model family; it asks a :class:`Backbone` for input-level embeddings,
 image-token positions, position ids, the decoder call and the LM head.
 """
 from __future__ import annotations

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from .common import (BenchModelSizes, Measurement, Target, bench_setup, benchmark_parser, chat_prompts, filler_ids,
-                     format_table, load_average, machine_info, measure_all, parse_benchmark_args, report)
+from ivtlr.bench.common import (BenchModelSizes, Measurement, Target, bench_setup, benchmark_parser, chat_prompts,
+                                filler_ids, format_table, load_average, machine_info, measure_all, parse_benchmark_args,
+                                report)
 from ivtlr import IVTLR
 from ivtlr.testing import FAMILIES, TinyBundle
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .common import (BenchModelSizes, Target, bench_setup, benchmark_parser, chat_prompts, format_table, machine_info,
-                     parse_benchmark_args, report, time_interleaved)
+from ivtlr.bench.common import (BenchModelSizes, Target, bench_setup, benchmark_parser, chat_prompts, format_table,
+                                machine_info, parse_benchmark_args, report, time_interleaved)
 from ivtlr import IVTLR
 from ivtlr.testing import TinyBundle
 

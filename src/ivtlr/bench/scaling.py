@@ -37,12 +37,12 @@ from transformers import DynamicCache
 from ivtlr import IVTLR
 from ivtlr.backbones import tiny_spec
 from ivtlr.data.collate import TOKEN_TYPE_KEYS
-from ivtlr.loss import shifted_cross_entropy
+from ivtlr.method.loss import shifted_cross_entropy
 from ivtlr.testing import FAMILIES, TinyBundle, build_tiny, make_test_image
 
-from .common import (BenchModelSizes, Target, apply_cpu_settings, benchmark_parser, chat_prompts, filler_ids,
-                     format_table, machine_info, parse_benchmark_args, peak_bytes, report, synchronize,
-                     time_interleaved)
+from ivtlr.bench.common import (BenchModelSizes, Target, apply_cpu_settings, benchmark_parser, chat_prompts, filler_ids,
+                                format_table, machine_info, parse_benchmark_args, peak_bytes, report, synchronize,
+                                time_interleaved)
 
 logger = logging.getLogger("bench_scaling")
 
@@ -344,7 +344,7 @@ def results_table(points: Sequence[Point]) -> str:
 
 
 def targets(points: Sequence[Point], config: ScalingConfig) -> list[Target]:
-    """The scaling issue's goals, each over every measured point (the worst one)."""
+    """The scaling study's goals, each over every measured point (the worst one)."""
     training = [p for p in points if p.kind == "training" and p.ratio("cached", "plain") is not None]
     default = [p for p in training if (p.image_tokens, p.latent_steps) ==
                (config.default_image_tokens, config.default_latents)]

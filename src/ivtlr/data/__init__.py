@@ -1,19 +1,10 @@
 """Data: sources -> validated examples -> curriculum stage -> token batches. Knows models only through a processor."""
 
-from .collate import IGNORE_INDEX, IVTLRCollator, build_generation_batch, chat_prompt, resize_image
-from .curriculum import (
-    Curriculum,
-    CurriculumDataset,
-    TrainingItem,
-    answer_line,
-    format_prompt_text,
-    latent_plan,
-    split_rationale,
-    stage_for_epoch,
-    target_text,
-)
-from .example import Example, ExampleSequence, option_letter
-from .sources import HUB_IDS, detect_schema, load_examples
+from ivtlr.data.collate import IGNORE_INDEX, IVTLRCollator, build_generation_batch, chat_prompt, resize_image
+from ivtlr.data.curriculum import (Curriculum, CurriculumDataset, TrainingItem, answer_line, format_prompt_text,
+                                   latent_plan, split_rationale, stage_for_epoch, target_text)
+from ivtlr.data.example import Example, ExampleSequence, option_letter
+from ivtlr.data.sources import HUB_IDS, detect_schema, load_examples
 
 __all__ = [
     "HUB_IDS",

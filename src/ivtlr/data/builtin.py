@@ -6,8 +6,8 @@ import os
 import shutil
 from pathlib import Path
 
-from ..config import DataFiles, DatasetConfig
-from .digits import SPLITS, write_digit_reasoning
+from ivtlr.config import DataFiles, DatasetConfig
+from ivtlr.data.digits import SPLITS, write_digit_reasoning
 
 DIGITS_SOURCE = "digits"
 CACHE_ENV = "IVTLR_CACHE"

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from PIL import Image
 
-from ..config import ConfigError
-from .curriculum import TrainingItem, format_prompt_text
-from .example import Example
-from .prompt_cache import DEFAULT_CACHE_BYTES, PromptCache, tensor_bytes
+from ivtlr.config import ConfigError
+from ivtlr.data.curriculum import TrainingItem, format_prompt_text
+from ivtlr.data.example import Example
+from ivtlr.data.prompt_cache import DEFAULT_CACHE_BYTES, PromptCache, tensor_bytes
 
 if TYPE_CHECKING:
     from transformers import ProcessorMixin
@@ -122,8 +122,8 @@ class IVTLRCollator:
     longer sample raises a `ValueError` naming it, or with `skip_too_long` is left out of the batch and
     counted in `skipped_too_long`.
 
-    `step_targets` / `step_regions` add what step and region supervision read (`ivtlr.supervision`): per latent slot
-    the token ids of the written step it replaced (the step's text and its newline), and the region that step reads
+    `step_targets` / `step_regions` add what step and region supervision read (`ivtlr.method.supervision`): per latent
+    slot the token ids of the written step it replaced (the step's text and its newline), and the region that step reads
     as fractions of the picture.
 
     Encoded prompts are kept between epochs (`ivtlr.data.prompt_cache`, keyed by the item's id, prompt and picture

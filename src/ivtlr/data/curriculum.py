@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from ..modes import Mode, mode_spec
-from .example import Box, Example, option_letter
+from ivtlr.modes import Mode, mode_spec
+from ivtlr.data.example import Box, Example, option_letter
 
 # The two ablations change only what the engine puts in a latent step; their data is IVT-LR's.
 MAX_STEPS = 3

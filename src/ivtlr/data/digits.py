@@ -42,7 +42,7 @@ Design choices:
   with "7 in the red cell" 10 % (the colour back in the question). Half of its training questions show one scan in
   every cell (``warmup_share``), so that recognising digits does not wait for finding the cell.
 
-Rows follow the M3CoT schema (DESIGN.md §1.5); ``topic`` names the question kind, ``domain`` its family.
+Rows follow the M3CoT schema (docs/design.md); ``topic`` names the question kind, ``domain`` its family.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from datasets import Image as ImageFeature
 from datasets import Sequence as SequenceFeature
 from PIL import Image
 
-from .example import option_letter
+from ivtlr.data.example import option_letter
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ def cell_box(cell: int, grid: int, cell_px: int) -> list[float]:
 
 
 def puzzle_to_row(puzzle: DigitPuzzle, image: Image.Image, cell_px: int = MERGED_PATCH_PX) -> dict:
-    """One M3CoT-schema row (DESIGN §1.5); the options are the ten digits in order. ``step_boxes`` (the schema's
+    """One M3CoT-schema row (docs/design.md); the options are the ten digits in order. ``step_boxes`` (the schema's
     optional region column) holds the box of the cell each rationale step reads."""
     return {
         "id": puzzle.uid,

@@ -19,11 +19,12 @@ from typing import Any
 import datasets
 from PIL import Image
 
-from ..errors import DataFileError, MissingDataFileError
-from .curriculum import split_rationale
-from .example import OPTION_LETTERS, Box, Example, ExampleSequence, InvalidExample, decode_image, option_letter
-from .visual_cot import REQUIRED_COLUMNS as VISUAL_COT_COLUMNS
-from .visual_cot import fit_boxes_to_image, visual_cot_converter
+from ivtlr.errors import DataFileError, MissingDataFileError
+from ivtlr.data.curriculum import split_rationale
+from ivtlr.data.example import (OPTION_LETTERS, Box, Example, ExampleSequence, InvalidExample, decode_image,
+                                option_letter)
+from ivtlr.data.visual_cot import REQUIRED_COLUMNS as VISUAL_COT_COLUMNS
+from ivtlr.data.visual_cot import fit_boxes_to_image, visual_cot_converter
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from .example import OPTION_LETTERS, Box, Example, InvalidExample
+from ivtlr.data.example import OPTION_LETTERS, Box, Example, InvalidExample
 
 #: Columns that name a table as Visual CoT's metadata schema (the rest: width, height, dataset, split, choices).
 REQUIRED_COLUMNS = frozenset({"question", "answer", "image", "bboxs"})

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ..errors import UserError, check_output_dir
+from ivtlr.errors import UserError, check_output_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +27,6 @@ def run(args: argparse.Namespace) -> int:
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
     check_output_dir(args.out, "--out")
-    from .run import run as run_demo_command
+    from ivtlr.demo.run import run as run_demo_command
 
     return run_demo_command(args, workers, cores)

@@ -10,13 +10,13 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ..data.digits import DigitPuzzle
-from ..evaluation.probe_report import READBACK_NOTE, TABLE_NOTE, markdown_table, readback_table
-from ..scoring import wilson_interval
+from ivtlr.data.digits import DigitPuzzle
+from ivtlr.evaluation.probe_report import READBACK_NOTE, TABLE_NOTE, markdown_table, readback_table
+from ivtlr.evaluation.records import wilson_interval
 
 #: The report's rows, in the paper's order: baselines, then the two ablations, then the method.
 #: Every variant the demo can train, in report order: the baselines, the paper's objective (IVT-LR and its two
-#: ablations) and the same three trained with the supervision that applies to each (``ivtlr.supervision``).
+#: ablations) and the same three trained with the supervision that applies to each (``ivtlr.method.supervision``).
 VARIANTS = ("nocot", "cot", "latent_text_only", "latent_vision_only", "ivtlr", "latent_text_only_supervised",
             "latent_vision_only_supervised", "ivtlr_supervised")
 #: Trained with ``--full`` only, to keep the default demo short: the paper's two ablations (at chance on this task,

@@ -15,8 +15,8 @@ evaluation harness. Runs build on each other through ``load_model_path`` (and ``
    checkpoint at the first epoch of stage 1. No-CoT trains as many epochs from the pre-trained model.
 
 The latent variants are IVT-LR under the paper's objective and IVT-LR with step and region supervision
-(``ivtlr.supervision``), which trains two epochs per latent stage; ``--full`` adds the two ablations (latent text only,
-latent vision only) under either objective. IVT-LR with and without supervision is probed (``ivtlr probe
+(``ivtlr.method.supervision``), which trains two epochs per latent stage; ``--full`` adds the two ablations (latent
+text only, latent vision only) under either objective. IVT-LR with and without supervision is probed (``ivtlr probe
 --read-latents``) in its worker, overlapping the other runs.
 
 Independent runs go to parallel worker processes (one per core by default, one thread each: on small CPUs that beats
@@ -41,24 +41,25 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import report as report_lib
-from ..config import Config, DatasetConfig, EvalConfig
-from ..data import load_examples
-from ..data.curriculum import format_prompt_text, split_rationale, target_text
-from ..data.example import option_letter
-from ..data.digits import (DIGIT_CHOICES, FOLLOW_POINTERS, MERGED_PATCH_PX, READ_CELL, DigitPuzzle,
-                        compose_digit_puzzles, write_digit_reasoning, write_puzzles)
-from .report import DEFAULT_VARIANTS, PROBED_VARIANTS, VARIANT_LABELS, VARIANT_MODES, VARIANTS
-from ..evaluation import GenerationSettings, evaluate, evaluation_summary, load_checkpoint_model
-from ..evaluation.probe import plan_conditions, probe_summary, run_probe
-from ..evaluation.probe_report import write_probe_outputs
-from ..evaluation.readback import readback_agreement
-from ..explain import save_selection_png
-from ..files import write_text_atomically
-from ..inference import answer_question
-from ..machine import cpu_model_name
-from ..metrics_log import JSONL_FILE
-from ..testing import build_tiny
+from ivtlr.demo import report as report_lib
+from ivtlr.config import Config, DatasetConfig, EvalConfig
+from ivtlr.data import load_examples
+from ivtlr.data.curriculum import format_prompt_text, split_rationale, target_text
+from ivtlr.data.example import option_letter
+from ivtlr.data.digits import (DIGIT_CHOICES, FOLLOW_POINTERS, MERGED_PATCH_PX, READ_CELL, DigitPuzzle,
+                               compose_digit_puzzles, write_digit_reasoning, write_puzzles)
+from ivtlr.demo.report import DEFAULT_VARIANTS, PROBED_VARIANTS, VARIANT_LABELS, VARIANT_MODES, VARIANTS
+from ivtlr.evaluation import GenerationSettings, evaluate, evaluation_summary
+from ivtlr.loading import load
+from ivtlr.evaluation.probe import plan_conditions, probe_summary, run_probe
+from ivtlr.evaluation.probe_report import write_probe_outputs
+from ivtlr.evaluation.readback import readback_agreement
+from ivtlr.evaluation.explain import save_selection_png
+from ivtlr.files import write_text_atomically
+from ivtlr.evaluation.infer import answer_question
+from ivtlr.machine import cpu_model_name
+from ivtlr.metrics_log import JSONL_FILE
+from ivtlr.testing import build_tiny
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class DemoRecipe:
     lr: float
     warmup_steps: int
     num_selected_patches: int  # K: one digit cell per latent step
-    step_supervision: float  # weights of the supervised variants' losses (ivtlr.supervision)
+    step_supervision: float  # weights of the supervised variants' losses (ivtlr.method.supervision)
     region_supervision: float
     # Evaluation.
     eval_batch_size: int
@@ -336,7 +337,7 @@ def train_run(config: Config) -> Path:
     """``ivtlr train`` in this process; returns the run's final checkpoint."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from ..training import train
+    from ivtlr.training import train
 
     try:
         result = train(config)
@@ -353,7 +354,7 @@ def evaluate_checkpoint(checkpoint: Path, data_files: Mapping[str, str], splits:
                         batch_size: int, max_new_tokens: int, progress: bool = True) -> dict[str, dict]:
     """``ivtlr eval`` of one checkpoint on each split (the model loaded once): predictions JSONL and the summary per
     split, as the harness writes them; returns the summaries by split."""
-    model = load_checkpoint_model(checkpoint, torch.device("cpu"))
+    model = load(checkpoint, device="cpu")
     settings = GenerationSettings(n_latent=model.n_latent(None), max_new_tokens=max_new_tokens,
                                   image_size=model.image_size)
     summaries = {}
@@ -372,7 +373,7 @@ def probe_checkpoint(checkpoint: Path, data_files: Mapping[str, str], split: str
                      max_new_tokens: int, seed: int, progress: bool = True) -> dict:
     """``ivtlr probe --read-latents`` of one checkpoint on one split: every condition group, and what the latents
     read back as; writes probe.json/md/png."""
-    model = load_checkpoint_model(checkpoint, torch.device("cpu"))
+    model = load(checkpoint, device="cpu")
     examples = list(load_examples("m3cot", split, data_files=dict(data_files)))
     n_latent, k = model.n_latent(None), model.engine.num_selected_patches
     start = time.perf_counter()
@@ -525,7 +526,7 @@ EXPLAIN_STEP_COLORS = ("black", "magenta", "cyan")
 def explain_questions(checkpoint: Path, data: DemoData, count: int, out_dir: Path) -> list[Path]:
     """Draw, for the first ``count`` test questions, the image cells each latent step of the model inserted, each
     step labelled with the cell its written counterpart reads and what its latent state decodes to."""
-    model = load_checkpoint_model(checkpoint, torch.device("cpu"))
+    model = load(checkpoint, device="cpu")
     examples = load_examples("m3cot", "test", data_files=data.reasoning, limit=count)
     paths = []
     for example in examples:

@@ -8,41 +8,18 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..modes import NO_LATENT_MODES
-    from .loading import (DEFAULT_N_LATENT, LoadedModel, default_device, load_checkpoint_model, load_config_model,
-                          load_original_model)
-    from .runner import (GROUP_KEYS, Answer, GenerationSettings, evaluate, evaluation_summary, generate_answers,
-                         group_keys_for, prediction_record)
+    from ivtlr.evaluation.runner import (GROUP_KEYS, Answer, GenerationSettings, evaluate, evaluation_summary,
+                                         generate_answers, group_keys_for, prediction_record)
 
 #: public name -> the module that defines it
-_LAZY = {
-    "NO_LATENT_MODES": "..modes",
-    **dict.fromkeys(["DEFAULT_N_LATENT", "LoadedModel", "default_device", "load_checkpoint_model",
-                     "load_config_model", "load_original_model"], ".loading"),
-    **dict.fromkeys(["GROUP_KEYS", "Answer", "GenerationSettings", "evaluate", "evaluation_summary",
-                     "generate_answers", "group_keys_for", "prediction_record"], ".runner"),
-}
+_LAZY = dict.fromkeys(["GROUP_KEYS", "Answer", "GenerationSettings", "evaluate", "evaluation_summary",
+                       "generate_answers", "group_keys_for", "prediction_record"], "ivtlr.evaluation.runner")
 
-__all__ = [
-    "DEFAULT_N_LATENT",
-    "GROUP_KEYS",
-    "NO_LATENT_MODES",
-    "Answer",
-    "GenerationSettings",
-    "LoadedModel",
-    "default_device",
-    "evaluate",
-    "evaluation_summary",
-    "generate_answers",
-    "group_keys_for",
-    "load_checkpoint_model",
-    "load_config_model",
-    "load_original_model",
-    "prediction_record",
-]
+__all__ = ["GROUP_KEYS", "Answer", "GenerationSettings", "evaluate", "evaluation_summary", "generate_answers",
+           "group_keys_for", "prediction_record"]
 
 
 def __getattr__(name: str) -> Any:
     if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    return getattr(importlib.import_module(_LAZY[name]), name)

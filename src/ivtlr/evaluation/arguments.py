@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..errors import UserError
+from ivtlr.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ivtlr.loading import LoadedModel
 
 #: Condition groups of ``ivtlr probe``, in report order (:mod:`ivtlr.evaluation.probe`).
 PROBE_GROUPS = ("count", "k", "text", "vision")
@@ -44,3 +50,21 @@ def check_model_arguments(args: argparse.Namespace) -> None:
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     """``--device``, declared once for the commands that run a model; ``loading.resolve_device`` reads it."""
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def load_requested_model(args: argparse.Namespace, device: torch.device, *, mode: str,
+                         num_selected_patches: int | None, image_size: int | None,
+                         dtype: torch.dtype | None = None) -> LoadedModel:
+    """The model ``--checkpoint`` or ``--original``/``--base`` names (one of them must be given), through
+    :func:`ivtlr.load`. ``mode``, ``num_selected_patches`` and ``image_size`` apply to an ``--original`` checkpoint
+    only, which does not record them; each command fills them from its own options."""
+    import torch
+
+    from ivtlr.loading import load
+
+    dtype = dtype or torch.float32
+    if args.checkpoint is not None:
+        return load(args.checkpoint, device=device, dtype=dtype)
+    check_model_arguments(args)
+    return load(args.original, base=args.base, mode=mode, num_selected_patches=num_selected_patches,
+                image_size=image_size, device=device, dtype=dtype)

@@ -17,20 +17,20 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..backbones import check_tiny_family
-from ..config import Config, ConfigError, load_config
-from ..errors import check_output_dir
-from ..files import write_text_atomically
-from ..scoring import format_summary_table
-from .arguments import add_device_argument, add_model_arguments, check_model_arguments
-from .provenance import checkpoint_identity, config_model_identity, data_identity, original_identity
+from ivtlr.backbones import check_tiny_family
+from ivtlr.config import Config, ConfigError, load_config
+from ivtlr.errors import check_output_dir
+from ivtlr.files import write_text_atomically
+from ivtlr.evaluation.records import format_summary_table
+from ivtlr.evaluation.arguments import add_device_argument, add_model_arguments, check_model_arguments
+from ivtlr.evaluation.provenance import checkpoint_identity, config_model_identity, data_identity, original_identity
 
 if TYPE_CHECKING:
     import torch
 
-    from ..data import ExampleSequence
-    from .loading import LoadedModel
-    from .runner import GenerationSettings
+    from ivtlr.data import ExampleSequence
+    from ivtlr.loading import LoadedModel
+    from ivtlr.evaluation.runner import GenerationSettings
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ def load_model(args: argparse.Namespace, config: Config, device: torch.device) -
     """The weights the options name, else the config's model as it is; says when the config disagrees with them."""
     import torch
 
-    from .loading import load_config_model, load_requested_model
+    from ivtlr.evaluation.arguments import load_requested_model
+    from ivtlr.loading import load_config_model
 
     dtype = torch.bfloat16 if config.bf16 and device.type == "cuda" else torch.float32
     if args.checkpoint is None and args.original is None:
@@ -76,8 +77,8 @@ def load_model(args: argparse.Namespace, config: Config, device: torch.device) -
 
 
 def load_eval_examples(config: Config) -> ExampleSequence:
-    from ..data import load_examples
-    from ..data.builtin import resolve_source
+    from ivtlr.data import load_examples
+    from ivtlr.data.builtin import resolve_source
 
     dataset = config.dataset
     source, data_files = resolve_source(dataset)
@@ -98,7 +99,7 @@ def provenance_of(args: argparse.Namespace, config: Config, model: LoadedModel, 
                   ) -> dict:
     """Everything that changes an answer: weights, data, generation settings (not the batch size: answers are
     batch-invariant)."""
-    from ..data.builtin import resolve_source
+    from ivtlr.data.builtin import resolve_source
 
     dataset = config.dataset
     _, data_files = resolve_source(dataset)
@@ -122,8 +123,8 @@ def run(args: argparse.Namespace) -> int:
     check_tiny_family(config.model)
     out = args.out if args.out is not None else config.run_dir / "eval"
     check_arguments(args, out)
-    from .loading import resolve_device
-    from .runner import GenerationSettings, evaluate, evaluation_summary, group_keys_for
+    from ivtlr.loading import resolve_device
+    from ivtlr.evaluation.runner import GenerationSettings, evaluate, evaluation_summary, group_keys_for
 
     device = resolve_device(args.device)
     examples = load_eval_examples(config)  # the data is checked before a model is loaded

@@ -17,12 +17,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..data import Example
-from ..interventions import LatentIntervention
-from ..scoring import ExtractionRule, wilson_interval
-from .arguments import PROBE_GROUPS
-from .loading import LoadedModel
-from .runner import Answer, batched, model_inputs, prediction_record
+from ivtlr.data import Example
+from ivtlr.method.interventions import LatentIntervention
+from ivtlr.evaluation.answers import ExtractionRule
+from ivtlr.evaluation.records import wilson_interval
+from ivtlr.evaluation.arguments import PROBE_GROUPS
+from ivtlr.loading import LoadedModel
+from ivtlr.evaluation.runner import Answer, batched, model_inputs, prediction_record
 
 logger = logging.getLogger(__name__)
 

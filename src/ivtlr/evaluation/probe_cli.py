@@ -14,15 +14,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..backbones import check_tiny_family
-from ..config import ConfigError, load_config
-from ..files import write_text_atomically
-from ..machine import cpu_model_name
-from .arguments import PROBE_GROUPS, add_device_argument, add_model_arguments
-from .cli import check_arguments, load_eval_examples, load_model, run_label, weights_identity
+from ivtlr.backbones import check_tiny_family
+from ivtlr.config import ConfigError, load_config
+from ivtlr.files import write_text_atomically
+from ivtlr.machine import cpu_model_name
+from ivtlr.evaluation.arguments import PROBE_GROUPS, add_device_argument, add_model_arguments
+from ivtlr.evaluation.cli import check_arguments, load_eval_examples, load_model, run_label, weights_identity
 
 if TYPE_CHECKING:
-    from .probe import ConditionResult
+    from ivtlr.evaluation.probe import ConditionResult
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +51,10 @@ def run(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None else \
         config.run_dir / "probe" / f"{run_label(args)}_{config.dataset.eval_split}"
     check_arguments(args, out)
-    from .loading import resolve_device
-    from .probe import plan_conditions, probe_summary, run_probe, skipped_conditions
-    from .probe_report import markdown_table, skipped_note, write_probe_outputs
-    from .readback import readback_agreement
+    from ivtlr.loading import resolve_device
+    from ivtlr.evaluation.probe import plan_conditions, probe_summary, run_probe, skipped_conditions
+    from ivtlr.evaluation.probe_report import markdown_table, skipped_note, write_probe_outputs
+    from ivtlr.evaluation.readback import readback_agreement
 
     device = resolve_device(args.device)
     examples = load_eval_examples(config)

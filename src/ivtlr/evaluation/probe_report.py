@@ -7,8 +7,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ..files import write_text_atomically
-from .probe import GROUP_TITLES, PROBE_GROUPS
+from ivtlr.files import write_text_atomically
+from ivtlr.evaluation.probe import GROUP_TITLES, PROBE_GROUPS
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
-from ..files import exclusive_lock, write_text_atomically
+from ivtlr.errors import UserError
+from ivtlr.files import exclusive_lock, write_text_atomically
 
 logger = logging.getLogger(__name__)
 

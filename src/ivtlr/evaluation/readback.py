@@ -1,16 +1,16 @@
 """What each latent step says: the state it fed back, decoded to text by the language model on its own, the way step
-supervision (:mod:`ivtlr.supervision`) trains it to be read; and, where the data has written steps, how often that
-text is the step the latent replaced."""
+supervision (:mod:`ivtlr.method.supervision`) trains it to be read; and, where the data has written steps, how often
+that text is the step the latent replaced."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..data import Example
-from ..data.curriculum import split_rationale
-from ..supervision import decode_latent_states
-from .loading import LoadedModel
+from ivtlr.data import Example
+from ivtlr.data.curriculum import split_rationale
+from ivtlr.method.supervision import decode_latent_states
+from ivtlr.loading import LoadedModel
 
 #: Tokens decoded per latent step: a written step of the demo is 5-8 tokens; longer text is cut.
 READBACK_TOKENS = 16

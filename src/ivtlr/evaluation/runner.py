@@ -17,11 +17,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..data import Example, build_generation_batch, format_prompt_text
-from ..scoring import (ExtractionRule, PredictionRecord, accuracy_by_rule, append_jsonl, load_done_ids,
-                       read_predictions, scienceqa_context_type, summarize)
-from .loading import LoadedModel
-from .provenance import claim_predictions, exclusive_writer
+from ivtlr.data import Example, build_generation_batch, format_prompt_text
+from ivtlr.evaluation.answers import ExtractionRule
+from ivtlr.evaluation.records import (PredictionRecord, accuracy_by_rule, append_jsonl, load_done_ids, read_predictions,
+                                      scienceqa_context_type, summarize)
+from ivtlr.loading import LoadedModel
+from ivtlr.evaluation.provenance import claim_predictions, exclusive_writer
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ def _records_of(predictions_path: str | Path, ids: set[str]) -> list[PredictionR
 
 def evaluation_summary(records: Sequence[PredictionRecord], group_keys: Sequence[str], run: dict[str, Any]
                        ) -> dict[str, Any]:
-    """:func:`ivtlr.scoring.summarize` plus what produced the numbers and the accuracy under every answer rule (the
-    run's own first)."""
+    """:func:`ivtlr.evaluation.records.summarize` plus what produced the numbers and the accuracy under every answer
+    rule (the run's own first)."""
     rule = run.get("answer_rule", "original")
     return {"run": dict(run), **summarize(records, group_keys), "accuracy_by_rule": accuracy_by_rule(records, rule)}

@@ -19,8 +19,8 @@ from PIL import Image
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
-from ..backbones import SUPPORTED_MODEL_TYPES, check_tiny_family, tiny_spec
-from ..backbones.tiny_specs import TinySizes
+from ivtlr.backbones import SUPPORTED_MODEL_TYPES, check_tiny_family, tiny_spec
+from ivtlr.backbones.tiny_specs import TinySizes
 
 logger = logging.getLogger(__name__)
 

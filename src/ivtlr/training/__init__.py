@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .trainer import Trainer, TrainResult, train
+    from ivtlr.training.trainer import Trainer, TrainResult, train
 
 __all__ = ["TrainResult", "Trainer", "train"]
 
@@ -15,6 +15,6 @@ __all__ = ["TrainResult", "Trainer", "train"]
 def __getattr__(name: str) -> Any:
     if name not in __all__:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from . import trainer
+    from ivtlr.training import trainer
 
     return getattr(trainer, name)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..backbones import check_tiny_family
-from ..config import load_config
-from ..errors import check_output_dir
+from ivtlr.backbones import check_tiny_family
+from ivtlr.config import load_config
+from ivtlr.errors import check_output_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     check_tiny_family(config.model)
     from accelerate.logging import get_logger
 
-    from .trainer import train
+    from ivtlr.training.trainer import train
 
     logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)  # one line per saved file otherwise
     result = train(config)

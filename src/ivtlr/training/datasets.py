@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..config import Config
-from ..data import ExampleSequence, load_examples
-from ..data.builtin import resolve_source
-from ..errors import DataFileError
+from ivtlr.config import Config
+from ivtlr.data import ExampleSequence, load_examples
+from ivtlr.data.builtin import resolve_source
+from ivtlr.errors import DataFileError
 
 def training_examples(config: Config, limit: int | None = None) -> ExampleSequence:
     """The training split; invalid rows are skipped and counted by ``load_examples``. ``limit`` caps the count

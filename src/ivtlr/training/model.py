@@ -6,11 +6,11 @@ import logging
 import torch
 from torch import nn
 
-from ..backbones import get_backbone, unwrap_peft
-from ..config import Config
-from ..data import latent_plan
-from ..engine import IVTLR
-from ..modeling import Components, apply_lora, build_engine, load_components
+from ivtlr.backbones import get_backbone, unwrap_peft
+from ivtlr.config import Config
+from ivtlr.data import latent_plan
+from ivtlr.method.engine import IVTLR
+from ivtlr.modeling import Components, apply_lora, build_engine, load_components
 
 logger = logging.getLogger(__name__)
 

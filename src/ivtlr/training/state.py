@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from accelerate import DistributedType
 
-from ..checkpoint import CheckpointError, CheckpointMeta, fault_point, safe_load
+from ivtlr.checkpoint import CheckpointError, CheckpointMeta, fault_point, safe_load
 
 OPTIMIZER_FILE = "optimizer.bin"  # Accelerate's name
 SCHEDULER_FILE = "scheduler.pt"

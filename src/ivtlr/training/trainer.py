@@ -28,22 +28,21 @@ import torch
 import yaml
 from accelerate import Accelerator, DistributedType
 from accelerate.logging import get_logger
-from accelerate.utils import (DistributedDataParallelKwargs, GradientAccumulationPlugin, broadcast_object_list,
-                               set_seed)
+from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ..checkpoint import (CheckpointError, CheckpointMeta, checkpoint_dirs, clean_temporary_dirs, load_weights,
-                          save_checkpoint, training_state_dir, verify_checkpoint)
-from ..config import Config, ConfigError, save_config
-from ..data import IGNORE_INDEX, Curriculum, CurriculumDataset, IVTLRCollator
-from ..errors import UserError
-from ..files import exclusive_lock
-from ..metrics_log import MetricsLogger, tracker_names
-from .datasets import epoch_order, process_batches, training_examples
-from .model import build_training_model, fsdp_wrap_classes, latents_at_stage
-from .state import load_training_state, save_training_state
+from ivtlr.checkpoint import (CheckpointError, CheckpointMeta, checkpoint_dirs, clean_temporary_dirs, load_weights,
+                              save_checkpoint, training_state_dir, verify_checkpoint)
+from ivtlr.config import Config, ConfigError, save_config
+from ivtlr.data import IGNORE_INDEX, Curriculum, CurriculumDataset, IVTLRCollator
+from ivtlr.errors import UserError
+from ivtlr.files import exclusive_lock
+from ivtlr.metrics_log import MetricsLogger, tracker_names
+from ivtlr.training.datasets import epoch_order, process_batches, training_examples
+from ivtlr.training.model import build_training_model, fsdp_wrap_classes, latents_at_stage
+from ivtlr.training.state import load_training_state, save_training_state
 
 logger = get_logger(__name__)
 

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..base import Backbone, Embedded
+from ivtlr.backbones.base import Backbone, Embedded
 
 
 class ChameleonBackbone(Backbone):

@@ -4,9 +4,9 @@ from __future__ import annotations
 from transformers import (ChameleonConfig, ChameleonForConditionalGeneration, ChameleonImageProcessorPil,
                           PreTrainedTokenizerFast)
 
-from ..tiny_specs import INITIALIZER_RANGE, TinySizes, TinySpec
-from .processor import ChameleonChatProcessor
-from ...errors import UnsupportedModelSetting
+from ivtlr.backbones.tiny_specs import INITIALIZER_RANGE, TinySizes, TinySpec
+from ivtlr.backbones.chameleon.processor import ChameleonChatProcessor
+from ivtlr.errors import UnsupportedModelSetting
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<reserved08706>", "<image>", "<racm3:break>", "<eoss>")
 TOKEN_ROLES = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "sep_token": "<reserved08706>"}

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 from PIL import Image
 
-from ..base import Backbone, Embedded
+from ivtlr.backbones.base import Backbone, Embedded
 
 
 class InternVLBackbone(Backbone):

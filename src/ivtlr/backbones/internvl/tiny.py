@@ -5,9 +5,9 @@ from __future__ import annotations
 from transformers import (GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration,
                           PreTrainedTokenizerFast)
 
-from ..tiny_specs import INITIALIZER_RANGE, TinySizes, TinySpec, qwen_style_text_config
-from .processor import ImageOnlyInternVLProcessor
-from ...errors import UnsupportedModelSetting
+from ivtlr.backbones.tiny_specs import INITIALIZER_RANGE, TinySizes, TinySpec, qwen_style_text_config
+from ivtlr.backbones.internvl.processor import ImageOnlyInternVLProcessor
+from ivtlr.errors import UnsupportedModelSetting
 
 # Order fixes the ids (0, 1, 2, ...).
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>")

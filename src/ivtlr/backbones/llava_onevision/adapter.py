@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
-from ..base import Backbone, Embedded, RegionView
-from .geometry import AnyresLayout, anyres_layout, stacked_views
+from ivtlr.backbones.base import Backbone, Embedded, RegionView
+from ivtlr.backbones.llava_onevision.geometry import AnyresLayout, anyres_layout, stacked_views
 
 
 class LlavaOnevisionBackbone(Backbone):

@@ -5,12 +5,12 @@ One anyres pinpoint, the vision tower's own size, makes every image two views (t
 """
 from __future__ import annotations
 
-from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
-                          LlavaOnevisionImageProcessorPil, PreTrainedTokenizerFast)
+from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil,
+                          PreTrainedTokenizerFast)
 
-from ..tiny_specs import INITIALIZER_RANGE, TinySizes, TinySpec, qwen_style_text_config
-from .processor import ImageOnlyLlavaOnevisionProcessor
-from ...errors import UnsupportedModelSetting
+from ivtlr.backbones.tiny_specs import INITIALIZER_RANGE, TinySizes, TinySpec, qwen_style_text_config
+from ivtlr.backbones.llava_onevision.processor import ImageOnlyLlavaOnevisionProcessor
+from ivtlr.errors import UnsupportedModelSetting
 
 # Order fixes the ids (0, 1, 2, ...).
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")

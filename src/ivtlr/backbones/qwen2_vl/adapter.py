@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from ..base import Backbone, Embedded
+from ivtlr.backbones.base import Backbone, Embedded
 
 
 class QwenVLBackbone(Backbone):

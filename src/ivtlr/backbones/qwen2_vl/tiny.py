@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from functools import partial
 
-from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                          Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil)
+from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                          Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil)
 
-from ..tiny_specs import INITIALIZER_RANGE, TinySizes, TinySpec, qwen_style_text_config
-from .processor import ImageOnlyQwen2VLProcessor
-from ...errors import UnsupportedModelSetting
+from ivtlr.backbones.tiny_specs import INITIALIZER_RANGE, TinySizes, TinySpec, qwen_style_text_config
+from ivtlr.backbones.qwen2_vl.processor import ImageOnlyQwen2VLProcessor
+from ivtlr.errors import UnsupportedModelSetting
 
 # Order fixes the ids (0, 1, 2, ...), matching the layout of the original-code fixtures.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",

@@ -10,9 +10,9 @@ order).
 In ivtlr an inserted patch copy is a visual token: it carries its own deepstack features into those layers, exactly
 as its source token did. :meth:`Qwen3VLBackbone.embed` therefore returns ``row_features`` (B, S, n_deepstack, D):
 each image token's deepstack features, zeros at every other row. The engine carries them with every row, copies
-included (``ivtlr.layout``), packs them per pass with a ``visual`` mask of image rows (``ivtlr.chain``), and
-:meth:`Qwen3VLBackbone.decoder_visual_kwargs` turns the packed rows back into the decoder's two arguments. The cached
-chain and the recompute reference add the same vectors to the same rows, so they stay equal with deepstack on.
+included (``ivtlr.method.layout``), packs them per pass with a ``visual`` mask of image rows (``ivtlr.method.chain``),
+and :meth:`Qwen3VLBackbone.decoder_visual_kwargs` turns the packed rows back into the decoder's two arguments. The
+cached chain and the recompute reference add the same vectors to the same rows, so they stay equal with deepstack on.
 
 Positions: (3, B, L) rows (time, height, width), what ``Qwen3VLModel`` itself hands its text model; the optional
 fourth (text) row it also accepts only shapes the causal mask when no attention mask is given, and the engine always
@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from ..base import Embedded
-from ..qwen2_vl.adapter import QwenVLBackbone
+from ivtlr.backbones.base import Embedded
+from ivtlr.backbones.qwen2_vl.adapter import QwenVLBackbone
 
 
 class Qwen3VLBackbone(QwenVLBackbone):

@@ -4,10 +4,10 @@ from __future__ import annotations
 from transformers import (PreTrainedTokenizerFast, Qwen2VLImageProcessorPil, Qwen3VLConfig,
                           Qwen3VLForConditionalGeneration)
 
-from ..qwen2_vl.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, TOKEN_ROLES
-from ..tiny_specs import INITIALIZER_RANGE, TinySizes, TinySpec, qwen_style_text_config
-from .processor import ImageOnlyQwen3VLProcessor
-from ...errors import UnsupportedModelSetting
+from ivtlr.backbones.qwen2_vl.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, TOKEN_ROLES
+from ivtlr.backbones.tiny_specs import INITIALIZER_RANGE, TinySizes, TinySpec, qwen_style_text_config
+from ivtlr.backbones.qwen3_vl.processor import ImageOnlyQwen3VLProcessor
+from ivtlr.errors import UnsupportedModelSetting
 
 PATCH_SIZE = 16
 MERGE_SIZE = 2

@@ -1,5 +1,6 @@
 """Where each sample's prompt, latent slots and rest sit, and the rows every latent step adds: the part of the
-algorithm the cached chain (``ivtlr.engine``) and the original's recompute reference (``ivtlr.recompute``) share.
+algorithm the cached chain (``ivtlr.method.engine``) and the original's recompute reference
+(``ivtlr.method.recompute``) share.
 
 A :class:`SegmentBuilder` holds the options that decide the rows (K, insertion order, latent text, gradient through
 fed-back states); both paths build the same segments from it and differ only in how they run the decoder over them.
@@ -16,12 +17,12 @@ from functools import cached_property
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from .backbones import Backbone
-from .chain import IGNORE_INDEX, SampleState, Segment, real_rows_mask
-from .interventions import NO_INTERVENTION, LatentIntervention
-from .loss import shifted_cross_entropy
-from .outputs import IVTLROutput
-from .supervision import LatentSupervision, region_loss_term, step_decode_losses
+from ivtlr.backbones import Backbone
+from ivtlr.method.chain import IGNORE_INDEX, SampleState, Segment, real_rows_mask
+from ivtlr.method.interventions import NO_INTERVENTION, LatentIntervention
+from ivtlr.method.loss import shifted_cross_entropy
+from ivtlr.method.outputs import IVTLROutput
+from ivtlr.method.supervision import LatentSupervision, region_loss_term, step_decode_losses
 
 logger = logging.getLogger(__name__)
 

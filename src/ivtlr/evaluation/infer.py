@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, UnidentifiedImageError
 
-from .config import AnswerRule
-from .errors import UserError
-from .evaluation.arguments import add_device_argument, add_model_arguments, check_model_arguments
-from .explain import save_selection_png
-from .modes import MODES
-from .scoring import EXTRACTION_RULES, extract_answer
+from ivtlr.config import AnswerRule
+from ivtlr.errors import UserError
+from ivtlr.evaluation.arguments import add_device_argument, add_model_arguments, check_model_arguments
+from ivtlr.evaluation.explain import save_selection_png
+from ivtlr.modes import MODES
+from ivtlr.evaluation.answers import EXTRACTION_RULES, extract_answer
 
 if TYPE_CHECKING:
-    from .evaluation.loading import LoadedModel
+    from ivtlr.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +47,9 @@ def answer_question(model: LoadedModel, image: Image.Image, question: str, choic
                     rule: AnswerRule = "original", read_back: bool = False) -> InferenceResult:
     """Prompt as in training, run the latent chain, decode, and read the answer letter; with ``read_back``, also
     decode each latent step's state to text (:func:`ivtlr.evaluation.readback.read_latents`)."""
-    from .data import Example, resize_image
-    from .evaluation.readback import read_latents
-    from .evaluation.runner import GenerationSettings, generate_answers
+    from ivtlr.data import Example, resize_image
+    from ivtlr.evaluation.readback import read_latents
+    from ivtlr.evaluation.runner import GenerationSettings, generate_answers
 
     image = image.convert("RGB")
     image_size = image_size if image_size is not None else model.image_size
@@ -127,8 +127,9 @@ def run(args: argparse.Namespace) -> int:
                               f"{len(string.ascii_uppercase)}")
     check_model_arguments(args)
     encoded = check_image(args.image)
-    from .data.example import decode_image
-    from .evaluation.loading import load_requested_model, resolve_device
+    from ivtlr.data.example import decode_image
+    from ivtlr.evaluation.arguments import load_requested_model
+    from ivtlr.loading import resolve_device
 
     image = decode_image(encoded)  # as training decodes it: transparency over white, high bit depths by their range
     model = load_requested_model(args, resolve_device(args.device), mode=args.mode,

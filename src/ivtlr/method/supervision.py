@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 
-from .backbones import Backbone, RegionView, box_token_mask
-from .chain import IGNORE_INDEX, real_rows_mask
+from ivtlr.backbones import Backbone, RegionView, box_token_mask
+from ivtlr.method.chain import IGNORE_INDEX, real_rows_mask
 
 
 @dataclass

@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .chain import IGNORE_INDEX, SampleState, pack_segments
-from .loss import shifted_cross_entropy
+from ivtlr.method.chain import IGNORE_INDEX, SampleState, pack_segments
+from ivtlr.method.loss import shifted_cross_entropy
 
 if TYPE_CHECKING:
-    from .backbones import Backbone
-    from .engine import IVTLR
-    from .outputs import IVTLROutput
-    from .supervision import LatentSupervision
+    from ivtlr.backbones import Backbone
+    from ivtlr.method.layout import SegmentBuilder
+    from ivtlr.method.outputs import IVTLROutput
+    from ivtlr.method.supervision import LatentSupervision
 
 
 @contextmanager
@@ -41,9 +41,8 @@ def eager_attention(backbone: "Backbone") -> Iterator[None]:
         backbone.set_text_attention(previous_text)
 
 
-def _full_pass(engine: "IVTLR", states: list[SampleState], output_attentions: bool):
+def _full_pass(backbone: "Backbone", states: list[SampleState], output_attentions: bool):
     """One decoder call over each sample's whole sequence so far, right-padded."""
-    backbone = engine.backbone
     first = states[0].segments[0].embeds
     packed = pack_segments([st.segments for st in states], first.shape[-1], backbone.position_rows, first.dtype,
                            first.device)
@@ -53,9 +52,10 @@ def _full_pass(engine: "IVTLR", states: list[SampleState], output_attentions: bo
     return out, packed.widths
 
 
-def recompute_forward(engine: "IVTLR", input_ids, attention_mask, labels, vision,
+def recompute_forward(backbone: "Backbone", builder: "SegmentBuilder", input_ids, attention_mask, labels, vision,
                       supervision: "LatentSupervision | None" = None) -> "IVTLROutput":
-    builder = engine.builder
+    """The original's forward over a batch: ``builder`` lays out the sequences and makes each latent step's segment
+    exactly as the cached engine does, but every step re-runs the whole prefix on ``backbone`` (eager attention)."""
     layouts = builder.layouts(input_ids, attention_mask, labels, vision, supervision)
     prompts, next_start = builder.prompt_segments(layouts, vision)
     states = [SampleState(segments=[seg], next_position=int(p)) for seg, p in zip(prompts, next_start)]
@@ -63,10 +63,10 @@ def recompute_forward(engine: "IVTLR", input_ids, attention_mask, labels, vision
     selected: list[list[torch.Tensor]] = [[] for _ in layouts]
     n_max = max(lay.n_latent for lay in layouts)
     earlier_passes: list[list[torch.Tensor]] = [[] for _ in layouts]  # each sample's hidden rows of every pass
-    with eager_attention(engine.backbone):
+    with eager_attention(backbone):
         for step in range(1, n_max + 1):
             active = [b for b, lay in enumerate(layouts) if lay.n_latent >= step]
-            out, lengths = _full_pass(engine, [states[b] for b in active], output_attentions=True)
+            out, lengths = _full_pass(backbone, [states[b] for b in active], output_attentions=True)
             for i, b in enumerate(active):
                 earlier_passes[b].append(out.last_hidden_state[i, : lengths[i]])
                 last = lengths[i] - 1
@@ -75,7 +75,7 @@ def recompute_forward(engine: "IVTLR", input_ids, attention_mask, labels, vision
                 seg = builder.latent_step_segment(layouts[b], states[b], out.last_hidden_state[i, last], scores,
                                                   taken[b], selected[b], step)
                 states[b].segments.append(seg)
-        out, lengths = _full_pass(engine, states, output_attentions=False)
+        out, lengths = _full_pass(backbone, states, output_attentions=False)
     for b, st in enumerate(states):
         start = 0
         for seg in st.segments:
@@ -83,16 +83,16 @@ def recompute_forward(engine: "IVTLR", input_ids, attention_mask, labels, vision
             start += seg.length
     result = builder.assemble(states, selected, labels is not None, layouts if supervision is not None else None)
     if labels is not None:
-        result.loss, result.loss_per_sample = _loss_over_all_passes(engine, earlier_passes, result)
+        result.loss, result.loss_per_sample = _loss_over_all_passes(backbone, earlier_passes, result)
     return result
 
 
-def _loss_over_all_passes(engine: "IVTLR", earlier_passes: list[list[torch.Tensor]], result: "IVTLROutput"):
+def _loss_over_all_passes(backbone: "Backbone", earlier_passes: list[list[torch.Tensor]], result: "IVTLROutput"):
     """The original's loss: all passes' logits concatenated, labels right-aligned to the end."""
     sums, counts = [], []
     for b, hidden_per_pass in enumerate(earlier_passes):
         final_rows = int(result.attention_mask[b].sum())
-        logits = torch.cat([engine.backbone.logits(h) for h in hidden_per_pass] + [result.logits[b, :final_rows]])
+        logits = torch.cat([backbone.logits(h) for h in hidden_per_pass] + [result.logits[b, :final_rows]])
         labels = torch.cat([torch.full((logits.shape[0] - final_rows,), IGNORE_INDEX, device=logits.device),
                             result.labels[b, :final_rows]])
         mean, _ = shifted_cross_entropy(logits.unsqueeze(0), labels.unsqueeze(0))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .selection import select_patches
+from ivtlr.method.selection import select_patches
 
 #: What fills each latent slot: the fed-back hidden state (``trained``), zeros, Gaussian noise with the hidden
 #: state's norm, a donor's latent rows (another question's, given per sample) or the ``<|latent|>`` token's own

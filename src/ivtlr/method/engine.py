@@ -1,11 +1,11 @@
 """``IVTLR``: a transformers VLM that reasons with interleaved latent text and latent vision.
 
-The computation is DESIGN.md §1.1: for each latent step the last-layer hidden state of the position before the
+The computation (docs/design.md): for each latent step the last-layer hidden state of the position before the
 latent slot becomes the slot's input (latent text), and the K image-token embeddings that position attends to most
 (averaged over layers and heads, earlier choices excluded) are inserted just before it (latent vision). This module
-computes it with a key/value cache: the prompt once, then only the K+1 new rows per step (``ivtlr.chain``).
-``recompute=True`` selects the original's algorithm instead (``ivtlr.recompute``), the reference the tests hold the
-cached path to.
+computes it with a key/value cache: the prompt once, then only the K+1 new rows per step (``ivtlr.method.chain``).
+``recompute=True`` selects the original's algorithm instead (``ivtlr.method.recompute``), the reference the tests
+hold the cached path to.
 """
 from __future__ import annotations
 
@@ -15,14 +15,15 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .attention_rows import ROW_KERNEL_PREFIX, AttentionRowRecorder, attach_recorder, register_row_kernel
-from .backbones import Backbone, get_backbone
-from .chain import IGNORE_INDEX, ChainRunner, SampleState, Segment
-from .interventions import NO_INTERVENTION, LatentIntervention
-from .layout import Layout, SegmentBuilder, fed_latents
-from .outputs import GenerationOutput, IVTLROutput
-from .selection import PATCH_ORDERS
-from .supervision import LatentSupervision
+from ivtlr.method.attention_rows import ROW_KERNEL_PREFIX, AttentionRowRecorder, attach_recorder, register_row_kernel
+from ivtlr.backbones import Backbone, get_backbone
+from ivtlr.method.chain import IGNORE_INDEX, ChainRunner, SampleState, Segment
+from ivtlr.method.interventions import NO_INTERVENTION, LatentIntervention
+from ivtlr.method.layout import Layout, SegmentBuilder, fed_latents
+from ivtlr.method.outputs import GenerationOutput, IVTLROutput
+from ivtlr.method.recompute import recompute_forward
+from ivtlr.method.selection import PATCH_ORDERS
+from ivtlr.method.supervision import LatentSupervision
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class IVTLR(nn.Module):
         positions: ``original`` (a 1-D range, as the released checkpoints were trained) or ``mrope`` (families with
             multimodal rotary positions: the native ones for the prompt, sequential after it).
         patch_order: insertion order of the chosen patches: ``position``, ``score`` or ``topk`` (see
-            :func:`ivtlr.selection.select_patches`).
+            :func:`ivtlr.method.selection.select_patches`).
         recompute: run the original's algorithm (re-run the prefix at every step, eager attention maps).
         latent_text: feed the hidden state back into each latent slot (IVT-LR). ``False`` keeps the
             ``<|latent|>`` token's own embedding there: the "latent vision only" ablation. ``num_selected_patches=0``
@@ -95,7 +96,7 @@ class IVTLR(nn.Module):
     @classmethod
     def from_original(cls, base_model_dir, state_dict_path, num_selected_patches: int | None = None, **kwargs):
         """Load a checkpoint in the original IVT-LR release format; see :func:`ivtlr.original.load_original`."""
-        from .original import load_original
+        from ivtlr.original import load_original
 
         return load_original(cls, base_model_dir, state_dict_path, num_selected_patches=num_selected_patches,
                              **kwargs)
@@ -108,9 +109,9 @@ class IVTLR(nn.Module):
 
         ``vision_inputs``: whatever the family's processor returned beside the ids and the mask (``pixel_values``,
         ``image_grid_thw``, ``image_sizes``, ...), handed to the backbone as they are. ``intervention`` replaces what
-        the latent steps feed back or insert (:mod:`ivtlr.interventions`; off by default). ``step_targets`` and
-        ``step_regions`` (:class:`~ivtlr.supervision.LatentSupervision`, written by the collator when step or region
-        supervision is on) add the step and region losses to the output; the loss itself is unchanged."""
+        the latent steps feed back or insert (:mod:`ivtlr.method.interventions`; off by default). ``step_targets`` and
+        ``step_regions`` (:class:`~ivtlr.method.supervision.LatentSupervision`, written by the collator when step or
+        region supervision is on) add the step and region losses to the output; the loss itself is unchanged."""
         vision = _vision(vision_inputs)
         intervention = intervention or NO_INTERVENTION
         supervision = LatentSupervision(step_targets, step_regions)
@@ -120,9 +121,8 @@ class IVTLR(nn.Module):
         if self.recompute and self.vision_bottleneck:
             raise ValueError("the vision bottleneck runs on the cached chain; build the engine with recompute=False")
         if self.recompute:
-            from .recompute import recompute_forward
-
-            return recompute_forward(self, input_ids, attention_mask, labels, vision, supervision)
+            return recompute_forward(self.backbone, self.builder, input_ids, attention_mask, labels, vision,
+                                     supervision)
         layouts = self.builder.layouts(input_ids, attention_mask, labels, vision, supervision)
         grad = torch.is_grad_enabled()
         checkpointing = grad and self._gradient_checkpointing_active()
@@ -163,7 +163,7 @@ class IVTLR(nn.Module):
         ``vision_inputs`` are the processor's other outputs, as for :meth:`forward`. Greedy by default;
         ``do_sample`` draws with ``temperature`` / ``top_p`` / ``top_k`` from ``generator``.
         Each sample stops at its first EOS (the first generated token included) or after ``max_new_tokens``.
-        ``intervention`` replaces what the latent steps feed back or insert (:mod:`ivtlr.interventions`; off by
+        ``intervention`` replaces what the latent steps feed back or insert (:mod:`ivtlr.method.interventions`; off by
         default); ``measure_attention`` also reports the attention the answer tokens pay to the latent and patch rows.
         Returns the new ids, (B, T), padded with ``pad_token_id``.
         """

@@ -15,8 +15,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 
-from .attention_rows import AttentionRowRecorder
-from .backbones import Backbone
+from ivtlr.method.attention_rows import AttentionRowRecorder
+from ivtlr.backbones import Backbone
 
 IGNORE_INDEX = -100
 
