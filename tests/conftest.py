@@ -28,3 +28,17 @@ def run_quick_benchmark(tmp_path):
     yield run
     torch.set_num_threads(threads)
     torch.set_flush_denormal(False)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
+    """(config, checkpoint) of one tiny trained run, shared by the tests that serve, shard or harness a model."""
+    from schema_files import write_m3cot_files
+    from train_runs import train_in_process, write_config
+
+    from ivtlr.checkpoint import latest_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny_checkpoint")
+    files = write_m3cot_files(root / "data", n_train=8, n_test=6)
+    config = write_config(root, files, num_epochs=3)
+    return config, latest_checkpoint(train_in_process(config) / "checkpoints")

@@ -1,33 +1,25 @@
 """InternVL (model type ``internvl``): the tiny model agrees with the real classes, the backbone computes what the
-transformers model computes, the selectable grid lies on the picture row-major, and the CLI trains, evaluates and
-explains a tiny InternVL end to end."""
+transformers model computes, the selectable grid lies on the picture row-major, tiles, and the InternVL3 decoder.
+The checks every family passes (the CLI end to end, the released processor without torchvision, stage zero) are in
+``tests/test_families.py``."""
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
 import pytest
 import torch
 from engine_inputs import SampleSpec, make_batch
-from schema_files import digit_image, write_m3cot_files
 from test_engine import _assert_grads_close, _step
-from test_eval import run_eval
-from test_infer import assert_outlines, printed_lines, unnormalise
-from train_runs import single_thread, train_in_process, write_config
+from test_infer import unnormalise
 from PIL import Image
 from transformers import InternVLForConditionalGeneration
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
 
 from ivtlr import IVTLR
-from ivtlr.backbones import get_backbone, load_processor, tiny_spec
-from ivtlr.backbones.internvl.processor import ImageOnlyInternVLProcessor
+from ivtlr.backbones import get_backbone, tiny_spec
 from ivtlr.backbones.tiny_specs import TinySizes
-from ivtlr.checkpoint import checkpoint_dirs
-from ivtlr.loading import load_checkpoint
-from ivtlr.cli import main
-from ivtlr.data import Example, build_generation_batch, load_examples
 from ivtlr.evaluation.explain import patch_grid_boxes
 from ivtlr.testing import TinyBundle, build_tiny, make_test_image
 
@@ -100,26 +92,6 @@ def test_one_tile_per_image_whatever_its_shape(bundle, size):
         assert expected > 1
 
 
-def test_released_processor_layout_loads_without_torchvision(bundle, tmp_path):
-    """A released "-hf" processor names the torchvision image processor and a video processor: the family's loader
-    still builds the PIL one, no video processor, and one tile per image."""
-    bundle.processor.save_pretrained(tmp_path)
-    path = tmp_path / "processor_config.json"
-    saved = json.loads(path.read_text())
-    saved["processor_class"] = "InternVLProcessor"
-    saved["image_processor"]["image_processor_type"] = "GotOcr2ImageProcessorFast"
-    saved["video_processor"] = {"video_processor_type": "InternVLVideoProcessor"}
-    path.write_text(json.dumps(saved))
-    processor = load_processor(str(tmp_path), FAMILY)
-    assert type(processor) is ImageOnlyInternVLProcessor
-    assert type(processor.image_processor).__name__ == "GotOcr2ImageProcessorPil"
-    assert not hasattr(processor, "video_processor") or processor.video_processor is None
-    reloaded = encode(dataclasses.replace(bundle, processor=processor), [make_test_image((200, 60))])
-    expected = encode(bundle, [make_test_image((200, 60))])
-    for key in expected:
-        assert torch.equal(reloaded[key], expected[key]), key
-
-
 # ---- the backbone computes what the transformers model computes ----------------------------------------------------
 def test_backbone_forward_equals_the_transformers_model(bundle):
     """embed -> decoder() -> lm_head() with 1-D positions gives InternVLForConditionalGeneration's own logits."""
@@ -151,11 +123,6 @@ def test_decoder_is_the_text_model_and_attention_is_its_self_attention(bundle):
     vision_modules = set(map(id, bundle.model.model.vision_tower.modules()))
     assert not any(id(module) in vision_modules for module in attention)
     # That it maps embeddings to final-norm hidden states is what the forward test above checks (its logits).
-
-
-def test_mrope_positions_are_refused(bundle):
-    with pytest.raises(ValueError, match="mrope"):
-        IVTLR(bundle.model, bundle.latent_token_id, positions="mrope")
 
 
 # ---- the selectable grid lies on the picture -----------------------------------------------------------------------
@@ -231,47 +198,3 @@ def test_internvl3_qwen2_decoder_cached_matches_recompute(bundle, attn):
     for b in range(2):
         assert [s.tolist() for s in cached.selected[b]] == [s.tolist() for s in ref.selected[b]]
     _assert_grads_close(cached_grads, ref_grads, rel=1e-3)
-
-
-# ---- the CLI end to end --------------------------------------------------------------------------------------------
-@pytest.mark.usefixtures(single_thread.__name__)
-def test_train_eval_and_explain_end_to_end(tmp_path, capsys):
-    """``ivtlr train`` through stages 0..3 (LoRA on the decoder only), ``ivtlr eval`` on the last checkpoint (each
-    answer what that question alone generates), then ``ivtlr infer --explain`` outlining the selected cells."""
-    files = write_m3cot_files(tmp_path / "data", n_train=4, n_test=3)
-    config = write_config(tmp_path, files, model=f"tiny:{FAMILY}", image_size=112, num_epochs=4, use_lora=True,
-                          lr=1e-2, eval={"batch_size": 2, "max_new_tokens": 5, "n_latent": 3})
-    run_dir = train_in_process(config)
-    checkpoints = checkpoint_dirs(run_dir / "checkpoints")
-    assert len(checkpoints) == 4
-    engine, components, meta = load_checkpoint(checkpoints[-1])
-    assert (meta.stage, meta.n_latent, meta.image_size, engine.num_selected_patches) == (3, 3, 112, 2)
-    lora = [name for name, _ in engine.base_model.named_parameters() if "lora_" in name]
-    assert lora and all(".language_model.layers." in name for name in lora)
-
-    out = tmp_path / "eval"
-    records, summary = run_eval(config, out, "--checkpoint", str(checkpoints[-1]))
-    examples = list(load_examples("m3cot", "test", data_files=files))
-    assert summary["run"]["n_latent"] == 3 and len(records) == len(examples) == 3
-    for record, example in zip(records, examples):
-        batch = build_generation_batch(components.processor, [example], 3, engine.latent_token_id, image_size=112)
-        alone = engine.generate(**batch, max_new_tokens=5, return_dict=True)
-        text = components.tokenizer.decode(alone.sequences[0, : alone.lengths[0]].tolist(), skip_special_tokens=True)
-        assert record["messages"][1] == text
-
-    image_path, picture = tmp_path / "digit.png", tmp_path / "explain.png"
-    digit_image(1001, size=40).save(image_path)
-    choices = ["one", "three", "seven", "nine"]
-    capsys.readouterr()
-    assert main(["infer", "--checkpoint", str(checkpoints[-1]), "--image", str(image_path), "--question", QUESTION,
-                 "--choices", *choices, "--max-new-tokens", "5", "--explain", str(picture)]) == 0
-    example = Example("q", digit_image(1001, size=40).convert("RGB"), QUESTION, choices, "A", "")
-    batch = build_generation_batch(components.processor, [example], 3, engine.latent_token_id, image_size=112)
-    generated = engine.generate(**batch, max_new_tokens=5, return_dict=True)
-    text = components.tokenizer.decode(generated.sequences[0, : generated.lengths[0]].tolist(),
-                                       skip_special_tokens=True)
-    assert capsys.readouterr().out.splitlines()[-2:] == printed_lines(text, choices)
-    selected = [step.tolist() for step in generated.selected[0]]
-    grid = engine.image_grid(batch, 0)
-    assert grid == (4, 4) and [len(s) for s in selected] == [2, 2, 2]
-    assert_outlines(picture, 112, grid, selected)

@@ -1,5 +1,6 @@
 """LLaVA-OneVision: anyres packing (base view + unpadded tile grid + newline separators), which rows are selectable,
-the grid ``--explain`` draws on, its torchvision-free processor, and the CLI end to end on a tiny model.
+the grid ``--explain`` draws on and the picture it draws, the hub's anyres settings. The checks every family passes
+(the CLI end to end, the released processor without torchvision, stage zero) are in ``tests/test_families.py``.
 
 Every check compares with an independent computation: the transformers model's own embeddings and logits, its
 ``pack_image_features`` applied to features that carry their own (view, row, column), the processor's pixel values,
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -19,21 +19,19 @@ from PIL import Image
 from transformers import LlavaOnevisionConfig, LlavaOnevisionImageProcessorPil
 
 from engine_inputs import SampleSpec, make_batch
+import ivtlr
 from ivtlr import IVTLR
 from ivtlr.backbones import get_backbone, load_processor
 from ivtlr.backbones.llava_onevision.geometry import anyres_layout
 from ivtlr.backbones.llava_onevision.processor import ImageOnlyLlavaOnevisionProcessor
-from ivtlr.checkpoint import checkpoint_dirs
-from ivtlr.loading import load_checkpoint
-from ivtlr.cli import main
 from ivtlr.config import load_config
-from ivtlr.data import Example, IVTLRCollator, TrainingItem, build_generation_batch, format_prompt_text, load_examples
-from ivtlr.evaluation.explain import MIN_CELL_PX, STEP_PALETTE
+from ivtlr.data import Example, IVTLRCollator, TrainingItem, build_generation_batch, format_prompt_text
+from ivtlr.evaluation.explain import MIN_CELL_PX, STEP_PALETTE, save_selection_png
+from ivtlr.evaluation.infer import answer_question
 from ivtlr.testing import build_tiny, build_tokenizer, make_test_image
-from schema_files import digit_image, write_m3cot_files
-from test_eval import decode, run_eval
-from test_infer import printed_lines, ring, unnormalise
-from train_runs import REPO, metrics, single_thread, train_in_process, write_config
+from schema_files import digit_image
+from test_infer import ring, unnormalise
+from train_runs import REPO
 
 FAMILY = "llava_onevision"
 QUESTION = "Which digit is written in the top left corner of this image?"
@@ -230,25 +228,6 @@ def test_latent_vision_selects_and_inserts_only_patch_rows(bundle):
         assert not (inserted == bundle.model.model.image_newline).all(-1).any()
 
 
-def test_stage_zero_is_the_transformers_forward(bundle):
-    batch = make_batch(bundle, [SampleSpec(QUESTION, 0), SampleSpec("Count?", 0, image_size=(84, 56))])
-    with torch.no_grad():
-        out = IVTLR(bundle.model, bundle.latent_token_id)(**batch)
-        plain = bundle.model(**batch)
-    real = batch["attention_mask"].bool()
-    assert (out.logits[real] - plain.logits[real]).abs().max() < 1e-5
-    assert abs(out.loss.item() - plain.loss.item()) < 1e-5
-
-
-def test_positions_are_one_dimensional_only(bundle):
-    with pytest.raises(ValueError, match="mrope"):
-        IVTLR(bundle.model, bundle.latent_token_id, positions="mrope")
-    encoded = _encode(bundle, make_test_image((56, 56)))
-    with pytest.raises(ValueError, match="positions='mrope' is not supported.*'original'"):
-        get_backbone(bundle.model).prompt_positions(encoded["input_ids"], encoded["attention_mask"],
-                                                    _vision(encoded), "mrope")
-
-
 def test_collated_batches_carry_image_sizes_and_equal_batches_of_one(bundle):
     """The data collator concatenates pixel_values (n, 2 views, C, H, W), image_sizes and batch_num_images along
     dim 0; pictures of different shapes give different token counts but the same view count."""
@@ -274,33 +253,24 @@ def test_collated_batches_carry_image_sizes_and_equal_batches_of_one(bundle):
 
 
 # ------------------------------------------------------------------------------------------------ files
-def test_processor_loads_a_hub_layout_without_torchvision(tmp_path):
-    """llava-hf checkpoints name the torchvision image processor and ship a video processor config: the image-only
-    processor loads them with the PIL image processor and expands ``<image>`` as the stock processor does."""
-    tokenizer = build_tokenizer(FAMILY)
-    tokenizer.save_pretrained(tmp_path)
+def test_hub_anyres_settings_reach_the_loaded_processor(tmp_path):
+    """A llava-hf layout's anyres settings (pinpoints, tokens per view, feature strategy) reach the family's loader:
+    ``<image>`` expands into the base view and a 2x2 tile grid. (Loading without torchvision, whatever the hub
+    names, is checked for every family in tests/test_families.py.)"""
+    build_tokenizer(FAMILY).save_pretrained(tmp_path)
     image_config = {"image_processor_type": "LlavaOnevisionImageProcessor",
                     "processor_class": "LlavaOnevisionProcessor", "size": {"height": 56, "width": 56},
                     "image_grid_pinpoints": PINPOINTS[:4], "do_pad": True, "image_mean": [0.5] * 3,
                     "image_std": [0.5] * 3, "resample": 3}
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(image_config))
-    (tmp_path / "video_preprocessor_config.json").write_text(json.dumps(
-        {"video_processor_type": "LlavaOnevisionVideoProcessor", "size": {"height": 56, "width": 56}}))
     (tmp_path / "processor_config.json").write_text(json.dumps(
         {"processor_class": "LlavaOnevisionProcessor", "num_image_tokens": 16, "vision_feature_select_strategy": "full",
          "vision_aspect_ratio": "anyres_max_9"}))
     processor = load_processor(str(tmp_path), FAMILY)
-    assert type(processor.image_processor).__name__ == "LlavaOnevisionImageProcessorPil"
     assert (processor.num_image_tokens, processor.vision_feature_select_strategy) == (16, "full")
-    image = make_test_image((112, 112), seed=5)
-    encoded = processor(text=["<image>x"], images=[image], return_tensors="pt")
+    encoded = processor(text=["<image>x"], images=[make_test_image((112, 112), seed=5)], return_tensors="pt")
     assert tuple(encoded["pixel_values"].shape) == (1, 5, 3, 56, 56)  # base view + 2x2 tiles
     assert int((encoded["input_ids"] == processor.image_token_id).sum()) == 16 + 8 * 9
-
-    processor.save_pretrained(tmp_path / "saved")
-    again = load_processor(str(tmp_path / "saved"), FAMILY)
-    second = again(text=["<image>x"], images=[image], return_tensors="pt")
-    assert encoded.keys() == second.keys() and all(torch.equal(encoded[key], second[key]) for key in encoded)
 
 
 def test_legacy_key_renames_reach_every_weight(bundle):
@@ -341,7 +311,7 @@ def test_config_file_is_the_qwen2_vl_recipe_on_llava_onevision():
     assert int((encoded["input_ids"] == processor.image_token_id).sum()) == 1485 == 54 * 27 + 27
 
 
-# ------------------------------------------------------------------------------------------------ CLI end to end
+# ------------------------------------------------------------------------------------------------ --explain
 def assert_outlines_on_views(picture: Path, model, batch: dict, selected: list[list[int]]) -> None:
     """Each selected token's patch, located independently (its view and patch from the model's packing; the base
     view on top, the tile's kept rows below it), carries its step's outline colour; no other patch has any."""
@@ -363,47 +333,16 @@ def assert_outlines_on_views(picture: Path, model, batch: dict, selected: list[l
             assert not any((pixels == color).all(-1).any() for color in STEP_PALETTE), index
 
 
-@pytest.mark.usefixtures(single_thread.__name__)
-def test_train_eval_infer_end_to_end(tmp_path, capsys):
-    """``ivtlr train`` stages 0..3 on M3CoT-schema files (LoRA on the language model only, though SigLIP has
-    q/k/v_proj too), ``ivtlr eval`` on the last checkpoint (each answer is what the loaded checkpoint generates),
-    ``ivtlr infer --explain`` (the outlined cells are the selected patches, on the right view)."""
-    files = write_m3cot_files(tmp_path / "data", n_train=4, n_test=2)
-    config = write_config(tmp_path, files, model=f"tiny:{FAMILY}", image_size=56, num_selected_patches=2,
-                          num_epochs=4, use_lora=True, lr=1e-2, lora_target_modules=["q_proj", "k_proj", "v_proj"])
-    run_dir = train_in_process(config)
-    records = metrics(run_dir)
-    assert [r["stage"] for r in records] == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert [r["latents"] for r in records] == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert all(r["grad_norm"] > 0 for r in records)
-    checkpoint = checkpoint_dirs(run_dir / "checkpoints")[-1]
-
-    answers, summary = run_eval(config, tmp_path / "eval", "eval.max_new_tokens=5", "eval.batch_size=2",
-                                "--checkpoint", str(checkpoint))
-    engine, components, meta = load_checkpoint(checkpoint)
-    lora = [name for name, _ in engine.base_model.named_parameters() if "lora_" in name]
-    assert lora and all(re.search(r"language_model\.layers\.\d+\.self_attn\.[qkv]_proj", n) for n in lora)
-    assert (meta.stage, meta.n_latent, meta.image_size, engine.num_selected_patches) == (3, 3, 56, 2)
-    assert summary["run"]["n_latent"] == 3 and summary["overall"]["count"] == 2
-    examples = list(load_examples("m3cot", "test", data_files=files))
-    batch = build_generation_batch(components.processor, examples, 3, engine.latent_token_id,
-                                   image_size=meta.image_size)
-    generated = engine.generate(**batch, max_new_tokens=5, return_dict=True)
-    assert [r["messages"][1] for r in answers] == [
-        decode(components.tokenizer, generated.sequences[b, : generated.lengths[b]]) for b in range(len(examples))]
-
-    capsys.readouterr()
+def test_explain_outlines_the_selected_patches_on_their_views(tmp_path):
+    """What ``ivtlr infer --explain`` draws (the command runs for every family in tests/test_families.py), located
+    independently: each selected token's patch, from the model's packing, on the base view on top or the tile's kept
+    rows below it, carries its step's outline colour; no other patch has any."""
+    model = ivtlr.load(f"tiny:{FAMILY}", num_selected_patches=2, image_size=56)
+    image = digit_image(1001, size=40)  # grey: no outline colour occurs in it
     question, choices = "Which digit is written in the image?", ["one", "three", "seven", "nine"]
-    image_path, picture = tmp_path / "digit.png", tmp_path / "explain.png"
-    digit_image(1001, size=40).save(image_path)  # grey: no outline colour occurs in it
-    assert main(["infer", "--checkpoint", str(checkpoint), "--image", str(image_path), "--question", question,
-                 "--choices", *choices, "--max-new-tokens", "5", "--explain", str(picture)]) == 0
-    example = Example("q", Image.open(image_path).convert("RGB"), question, choices, "A", "")
-    batch = build_generation_batch(components.processor, [example], meta.n_latent, engine.latent_token_id,
-                                   image_size=meta.image_size)
-    out = engine.generate(**batch, max_new_tokens=5, return_dict=True)
-    text = components.tokenizer.decode(out.sequences[0, : out.lengths[0]].tolist(), skip_special_tokens=True)
-    assert capsys.readouterr().out.splitlines()[-2:] == printed_lines(text, choices)
-    selected = [step.tolist() for step in out.selected[0]]
-    assert engine.image_grid(batch, 0) == (8, 4) and [len(s) for s in selected] == [2, 2, 2]
-    assert_outlines_on_views(picture, engine.backbone.model, batch, selected)
+    result = answer_question(model, image, question, choices, n_latent=3, max_new_tokens=2)
+    picture = save_selection_png(tmp_path / "explain.png", result.seen_image, result.grid_hw, result.selected)
+    batch = build_generation_batch(model.processor, [Example("q", image, question, choices, "A", "")], 3,
+                                   model.latent_token_id, image_size=56)
+    assert result.grid_hw == (8, 4) and [len(s) for s in result.selected] == [2, 2, 2]
+    assert_outlines_on_views(picture, model.engine.backbone.model, batch, result.selected)

@@ -1,5 +1,6 @@
 """Qwen3-VL: deepstack features travel with every visual row (inserted patch copies included), its native
-interleaved M-RoPE, its torchvision-free processor, and the CLI end to end on a tiny model."""
+interleaved M-RoPE, its grid and the released image settings. The checks every family passes (the CLI end to end,
+the released processor without torchvision, stage zero with either positions) are in ``tests/test_families.py``."""
 from __future__ import annotations
 
 import copy
@@ -12,22 +13,15 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from engine_inputs import SampleSpec, make_batch
 from ivtlr import IVTLR
 from ivtlr.backbones import get_backbone, load_processor
-from ivtlr.checkpoint import checkpoint_dirs
-from ivtlr.loading import load_checkpoint
-from ivtlr.cli import main
 from ivtlr.config import load_config
-from ivtlr.data import Example, build_generation_batch, load_examples
-from ivtlr.testing import build_tiny, build_tokenizer, make_test_image
-from schema_files import digit_image, write_m3cot_files
+from ivtlr.testing import build_processor, build_tiny, build_tokenizer, make_test_image
 from test_engine import _assert_grads_close, _step
-from test_eval import decode, run_eval
-from test_infer import assert_outlines, printed_lines, qwen_pixels
-from train_runs import REPO, metrics, single_thread, train_in_process, write_config
+from test_infer import qwen_pixels
+from train_runs import REPO
 
 QUESTION = "Which digit is written in the top left corner of this image?"
 FAMILY = "qwen3_vl"
@@ -232,27 +226,6 @@ def recorded_positions(model) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
-@pytest.mark.parametrize("positions", ["original", "mrope"])
-def test_stage_zero_is_the_transformers_forward(bundle, positions):
-    """No latent: the engine's logits and loss are the transformers model's own, deepstack and (for mrope) the
-    model's own interleaved M-RoPE positions included."""
-    batch = make_batch(bundle, [SampleSpec(QUESTION, 0)])
-    engine = IVTLR(bundle.model, bundle.latent_token_id, positions=positions)
-    length = batch["input_ids"].shape[1]
-    if positions == "original":
-        extra = {"position_ids": torch.arange(length).view(1, 1, -1).expand(3, 1, -1)}
-    else:
-        extra = {"mm_token_type_ids": (batch["input_ids"] == bundle.image_token_id).int()}
-    with torch.no_grad(), recorded_positions(bundle.model) as seen:
-        out = engine(**batch)
-        plain = bundle.model(**batch, **extra)
-    assert seen[0].shape == (3, 1, length) and torch.equal(seen[0], seen[1])
-    if positions == "mrope":
-        assert int(seen[0].amax()) < length - 1  # the image's rows share positions: truly multimodal
-    assert (out.logits - plain.logits).abs().max() < 1e-5
-    assert abs(out.loss.item() - plain.loss.item()) < 1e-5
-
-
 def test_mrope_positions_are_native_for_the_prompt_and_sequential_after(bundle):
     k = 3
     batch = make_batch(bundle, [SampleSpec(QUESTION, 2)])
@@ -316,32 +289,32 @@ def test_image_grid_and_processor_view(bundle, size):
         assert cols > rows  # PIL sizes are (width, height): a wide picture has more columns
 
 
-def test_processor_loads_a_hub_layout_without_torchvision(tmp_path):
-    """Qwen3-VL checkpoints ship a Qwen2-VL fast image processor and a video processor config: the image-only
-    processor loads them with the PIL image processor, patch 16, merge 2."""
-    tokenizer = build_tokenizer(FAMILY)
-    tokenizer.save_pretrained(tmp_path)
+@pytest.mark.parametrize(("image_size", "grid"), [(96, (3, 3)), (128, (4, 4))])
+def test_image_size_sets_the_token_grid(bundle, image_size, grid):
+    """A tiny model built for ``image_size`` px (a config's ``image_size``) sees a square picture of that size as
+    merged tokens of 32 px."""
+    processor = build_processor(FAMILY, bundle.tokenizer, image_size)
+    encoded = processor(text=["<|vision_start|><|image_pad|><|vision_end|>"],
+                        images=[make_test_image((image_size, image_size))], return_tensors="pt")
+    assert get_backbone(bundle.model).image_grid(encoded, 0) == grid
+
+
+def test_released_image_settings_reach_the_loaded_processor(tmp_path):
+    """Qwen3-VL checkpoints' image settings (a Qwen2-VL image processor with patch 16, merge 2) reach the family's
+    loader: 320 px, the config file's size, is 20x20 patches, 100 image tokens. (Loading without torchvision, whatever
+    the hub names, is checked for every family in tests/test_families.py.)"""
+    build_tokenizer(FAMILY).save_pretrained(tmp_path)
     image_config = {"size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16,
                     "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
                     "processor_class": "Qwen3VLProcessor", "image_processor_type": "Qwen2VLImageProcessorFast"}
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(image_config))
-    (tmp_path / "video_preprocessor_config.json").write_text(json.dumps(
-        {**image_config, "video_processor_type": "Qwen3VLVideoProcessor", "fps": 2}))
     processor = load_processor(str(tmp_path), FAMILY)
-    assert type(processor.image_processor).__name__ == "Qwen2VLImageProcessorPil"
     assert (processor.image_processor.patch_size, processor.image_processor.merge_size) == (16, 2)
     encoded = processor(text=["<|vision_start|><|image_pad|><|vision_end|>Hi"], images=[make_test_image((320, 320))],
                         return_tensors="pt")
     assert encoded["image_grid_thw"].tolist() == [[1, 20, 20]]  # configs/qwen3vl_m3cot.yaml: 320 px -> 100 tokens
     assert int((encoded["input_ids"] == processor.image_token_id).sum()) == 100
     assert encoded["mm_token_type_ids"].sum() == 100
-
-    processor.save_pretrained(tmp_path / "saved")
-    again = load_processor(str(tmp_path / "saved"), FAMILY)
-    image = make_test_image((70, 50), seed=1)
-    first = processor(text=["<|image_pad|>x"], images=[image], return_tensors="pt")
-    second = again(text=["<|image_pad|>x"], images=[image], return_tensors="pt")
-    assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
 
 
 def test_config_file_is_the_qwen2_vl_recipe_on_qwen3_vl():
@@ -352,48 +325,3 @@ def test_config_file_is_the_qwen2_vl_recipe_on_qwen3_vl():
     assert config.name == "qwen3vl_m3cot"
     differing = {key for key, value in vars(config).items() if vars(qwen2)[key] != value}
     assert differing == {"model", "image_size", "name"}
-
-
-# ------------------------------------------------------------------------------------------------ CLI end to end
-@pytest.mark.usefixtures(single_thread.__name__)
-def test_train_eval_infer_end_to_end(tmp_path, capsys):
-    """``ivtlr train`` stages 0..3 on M3CoT-schema files, ``ivtlr eval`` on the last checkpoint (each answer is what
-    the loaded checkpoint generates), ``ivtlr infer --explain`` (the outlined cells are the selected patches)."""
-    files = write_m3cot_files(tmp_path / "data", n_train=4, n_test=2)
-    config = write_config(tmp_path, files, model=f"tiny:{FAMILY}", image_size=96, num_selected_patches=2,
-                          num_epochs=4, use_lora=True, lr=1e-2)
-    run_dir = train_in_process(config)
-    records = metrics(run_dir)
-    assert [r["stage"] for r in records] == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert [r["latents"] for r in records] == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert all(r["grad_norm"] > 0 for r in records)
-    checkpoint = checkpoint_dirs(run_dir / "checkpoints")[-1]
-
-    answers, summary = run_eval(config, tmp_path / "eval", "eval.max_new_tokens=5", "eval.batch_size=2",
-                                "--checkpoint", str(checkpoint))
-    engine, components, meta = load_checkpoint(checkpoint)
-    assert (meta.stage, meta.n_latent, meta.image_size, engine.num_selected_patches) == (3, 3, 96, 2)
-    assert summary["run"]["n_latent"] == 3 and summary["overall"]["count"] == 2
-    examples = list(load_examples("m3cot", "test", data_files=files))
-    batch = build_generation_batch(components.processor, examples, 3, engine.latent_token_id,
-                                   image_size=meta.image_size)
-    generated = engine.generate(**batch, max_new_tokens=5, return_dict=True)
-    assert [r["messages"][1] for r in answers] == [
-        decode(components.tokenizer, generated.sequences[b, : generated.lengths[b]]) for b in range(len(examples))]
-
-    capsys.readouterr()
-    question, choices = "Which digit is written in the image?", ["one", "three", "seven", "nine"]
-    image_path, picture = tmp_path / "digit.png", tmp_path / "explain.png"
-    digit_image(1001, size=40).save(image_path)
-    assert main(["infer", "--checkpoint", str(checkpoint), "--image", str(image_path), "--question", question,
-                 "--choices", *choices, "--max-new-tokens", "5", "--explain", str(picture)]) == 0
-    example = Example("q", Image.open(image_path).convert("RGB"), question, choices, "A", "")
-    batch = build_generation_batch(components.processor, [example], meta.n_latent, engine.latent_token_id,
-                                   image_size=meta.image_size)
-    out = engine.generate(**batch, max_new_tokens=5, return_dict=True)
-    text = components.tokenizer.decode(out.sequences[0, : out.lengths[0]].tolist(), skip_special_tokens=True)
-    assert capsys.readouterr().out.splitlines()[-2:] == printed_lines(text, choices)
-    selected = [step.tolist() for step in out.selected[0]]
-    grid = engine.image_grid(batch, 0)
-    assert grid == (3, 3) and [len(s) for s in selected] == [2, 2, 2]
-    assert_outlines(picture, meta.image_size, grid, selected)

@@ -1,4 +1,4 @@
-"""``ivtlr train | eval | probe | infer | demo | bench``: one entry point; a command's code is imported when used."""
+"""``ivtlr train | eval | probe | infer | serve | demo | bench``: one entry point; a command is imported when used."""
 from __future__ import annotations
 
 import argparse
@@ -16,10 +16,11 @@ COMMANDS = {
     "eval": ("ivtlr.evaluation.cli", "generate and score answers on a test split"),
     "probe": ("ivtlr.evaluation.probe_cli", "do the latents matter? accuracy under counterfactual latent chains"),
     "infer": ("ivtlr.evaluation.infer", "answer one question about one image, optionally drawing the chosen patches"),
+    "serve": ("ivtlr.serving.cli", "serve a model over HTTP: OpenAI chat completions, continuous batching"),
     "demo": ("ivtlr.demo.cli", "train and score IVT-LR and its baselines on bundled digit images, on a CPU"),
 }
 #: ``ivtlr bench NAME`` runs ``ivtlr.bench.NAME.main(argv)``: prints a table, writes JSON.
-BENCHMARKS = ("engine", "inference", "scaling")
+BENCHMARKS = ("engine", "inference", "scaling", "serve")
 
 
 def _bench(argv: list[str]) -> int:

@@ -50,6 +50,28 @@ def qwen_style_text_config(tokenizer: PreTrainedTokenizerFast, sizes: TinySizes,
 
 
 @dataclass(frozen=True)
+class VisionKeys:
+    """What a family's vision config calls the tower's sizes (``mlp`` None: the family sets the MLP otherwise, e.g.
+    as a ratio of the width)."""
+
+    width: str = "hidden_size"
+    depth: str = "num_hidden_layers"
+    heads: str = "num_attention_heads"
+    mlp: str | None = "intermediate_size"
+
+
+#: The tiny models' vision towers: two blocks of width 32 with two heads and an MLP of 64.
+VISION_SIZES = {"width": 32, "depth": 2, "heads": 2, "mlp": 64}
+
+
+def vision_tower_config(patch_size: int, keys: VisionKeys = VisionKeys(), **extra: Any) -> dict:
+    """A tiny vision tower config as a dict: ``VISION_SIZES`` under the family's ``keys``, ``patch_size`` and
+    ``INITIALIZER_RANGE``, then the family's ``extra`` keys (which win over the shared sizes)."""
+    sizes = {getattr(keys, role): size for role, size in VISION_SIZES.items() if getattr(keys, role) is not None}
+    return {**sizes, "patch_size": patch_size, "initializer_range": INITIALIZER_RANGE, **extra}
+
+
+@dataclass(frozen=True)
 class TinySpec:
     """How to build a tiny random model of one model type.
 

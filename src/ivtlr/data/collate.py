@@ -235,9 +235,22 @@ def build_generation_batch(
     padding_side: PaddingSide = "left",
 ) -> dict[str, torch.Tensor]:
     """Prompt + `n_latent` latent slots per example, padded (left by default), for generation and evaluation."""
-    prompts = [
-        _encode_prompt(processor, format_prompt_text(example.question, example.choices), example.image, image_size)
-        for example in examples
-    ]
-    sequences = [prompt.input_ids + [latent_token_id] * n_latent for prompt in prompts]
-    return _batch(sequences, None, prompts, _pad_token_id(processor), padding_side)
+    texts = [(format_prompt_text(example.question, example.choices), example.image) for example in examples]
+    return build_prompt_batch(processor, texts, n_latent, latent_token_id, image_size=image_size,
+                              padding_side=padding_side)
+
+
+def build_prompt_batch(
+    processor: ProcessorMixin,
+    prompts: Sequence[tuple[str, Image.Image | None]],
+    n_latent: int,
+    latent_token_id: int,
+    *,
+    image_size: ImageSize | None = None,
+    padding_side: PaddingSide = "left",
+) -> dict[str, torch.Tensor]:
+    """:func:`build_generation_batch` for prompt texts taken as they are (a chat message's text, which a client may
+    have formatted as training does) with their images: chat template, image, then `n_latent` latent slots."""
+    encoded = [_encode_prompt(processor, text, image, image_size) for text, image in prompts]
+    sequences = [prompt.input_ids + [latent_token_id] * n_latent for prompt in encoded]
+    return _batch(sequences, None, encoded, _pad_token_id(processor), padding_side)

@@ -13,6 +13,7 @@ from pathlib import Path
 from ivtlr.data.digits import DigitPuzzle
 from ivtlr.evaluation.probe_report import READBACK_NOTE, TABLE_NOTE, markdown_table, readback_table
 from ivtlr.evaluation.records import wilson_interval
+from ivtlr.demo.scheduler import minutes
 
 #: The report's rows, in the paper's order: baselines, then the two ablations, then the method.
 #: Every variant the demo can train, in report order: the baselines, the paper's objective (IVT-LR and its two
@@ -160,11 +161,6 @@ def chance_line(report: Mapping) -> str:
     """What K random patches would give per step (from IVT-LR's own exclusions)."""
     looks = report["variants"].get("ivtlr_supervised", {}).get("looked_at_right_cell") or []
     return " / ".join(f"{step['step']}: {100 * step['chance']:.0f}" for step in looks) if looks else "-"
-
-
-def minutes(seconds: float) -> str:
-    whole = max(0, round(seconds))
-    return f"{whole // 60}m{whole % 60:02d}s"
 
 
 def markdown_report(report: Mapping) -> str:

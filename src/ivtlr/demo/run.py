@@ -19,9 +19,9 @@ The latent variants are IVT-LR under the paper's objective and IVT-LR with step 
 text only, latent vision only) under either objective. IVT-LR with and without supervision is probed (``ivtlr probe
 --read-latents``) in its worker, overlapping the other runs.
 
-Independent runs go to parallel worker processes (one per core by default, one thread each: on small CPUs that beats
-one run on every core), each training and then evaluating its run. Nothing is chosen on the test split: the recipe
-was fixed on the validation split, and the report gives both.
+Independent runs go to parallel worker processes (``ivtlr.demo.scheduler``; one per core by default, one thread each:
+on small CPUs that beats one run on every core), each training and then evaluating its run. Nothing is chosen on the
+test split: the recipe was fixed on the validation split, and the report gives both.
 """
 from __future__ import annotations
 
@@ -30,16 +30,12 @@ import contextlib
 import json
 import logging
 import shutil
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from multiprocessing import get_context
-from multiprocessing.pool import AsyncResult
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ivtlr.demo import report as report_lib
 from ivtlr.config import Config, DatasetConfig, EvalConfig
@@ -48,15 +44,15 @@ from ivtlr.data.curriculum import format_prompt_text, split_rationale, target_te
 from ivtlr.data.example import option_letter
 from ivtlr.data.digits import (DIGIT_CHOICES, FOLLOW_POINTERS, MERGED_PATCH_PX, READ_CELL, DigitPuzzle,
                                compose_digit_puzzles, write_digit_reasoning, write_puzzles)
+from ivtlr.demo.pictures import explain_questions
 from ivtlr.demo.report import DEFAULT_VARIANTS, PROBED_VARIANTS, VARIANT_LABELS, VARIANT_MODES, VARIANTS
+from ivtlr.demo.scheduler import JobScheduler
 from ivtlr.evaluation import GenerationSettings, evaluate, evaluation_summary
 from ivtlr.loading import load
 from ivtlr.evaluation.probe import plan_conditions, probe_summary, run_probe
 from ivtlr.evaluation.probe_report import write_probe_outputs
 from ivtlr.evaluation.readback import readback_agreement
-from ivtlr.evaluation.explain import save_selection_png
 from ivtlr.files import write_text_atomically
-from ivtlr.evaluation.infer import answer_question
 from ivtlr.machine import cpu_model_name
 from ivtlr.metrics_log import JSONL_FILE
 from ivtlr.testing import build_tiny
@@ -243,6 +239,11 @@ class DemoJob:
     probe_dir: Path | None = None  # where ``ivtlr probe`` of its checkpoint (validation split) goes, if probed
     seed: int = 0
 
+    @property
+    def progress_log(self) -> Path:
+        """Its metrics log, one line per optimizer step: what the scheduler's progress bar counts."""
+        return self.config.run_dir / JSONL_FILE
+
 
 @dataclass(frozen=True)
 class JobResult:
@@ -426,124 +427,6 @@ def _train_and_evaluate(job: DemoJob, parent_checkpoint: str | None, threads: in
                      probe)
 
 
-_POLL_SECONDS = 1.0
-
-
-def _stop_with_parent() -> None:
-    """Worker initializer: on Linux, die with the demo's main process (no orphaned trainings after a kill)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class JobScheduler:
-    """Runs the demo's jobs on ``workers`` processes as soon as their parent has finished, with one progress bar for
-    all of them. The bar advances with the planned relative cost of the steps the workers have logged; the time left
-    is a replay of the remaining schedule on the workers at the speed measured so far."""
-
-    def __init__(self, jobs: Mapping[str, DemoJob], workers: int, cores: int):
-        self.jobs, self.workers, self.cores = dict(jobs), workers, cores
-        self.started: dict[str, float] = {}
-
-    def run(self) -> dict[str, JobResult]:
-        results: dict[str, JobResult] = {}
-        pending = list(self.jobs)
-        running: dict[str, AsyncResult] = {}
-        bar = tqdm(total=round(sum(job.cost for job in self.jobs.values())), desc="demo", unit="cost",
-                   dynamic_ncols=True, bar_format="{l_bar}{bar}| {elapsed} elapsed{postfix}")
-        pool = get_context("spawn").Pool(self.workers, initializer=_stop_with_parent)
-        try:
-            while pending or running:
-                starting = [n for n in pending if self._ready(n, results)][: self.workers - len(running)]
-                # The cores are shared by what runs now; a job keeps its thread count to the end.
-                threads = max(1, self.cores // max(1, len(running) + len(starting)))
-                for name in starting:
-                    pending.remove(name)
-                    job = self.jobs[name]
-                    parent = results[job.parent].checkpoint if job.parent else None
-                    running[name] = pool.apply_async(execute_job, (job, parent, threads))
-                    self.started[name] = time.time()
-                    logger.info("demo: started %s (%d thread%s)", job.label, threads, "s" * (threads > 1))
-                time.sleep(_POLL_SECONDS)
-                for name in [n for n, result in running.items() if result.ready()]:
-                    results[name] = running.pop(name).get()  # re-raises a worker's error here
-                    logger.info("demo: %s done (training %s, evaluation %s)", self.jobs[name].label,
-                                report_lib.minutes(results[name].train_seconds),
-                                report_lib.minutes(results[name].eval_seconds))
-                done = self._done_fractions(results, list(running))
-                bar.n = round(sum(self.jobs[name].cost * fraction for name, fraction in done.items()))
-                left = self._seconds_left(done, results)
-                bar.set_postfix_str(f"about {report_lib.minutes(left)} left" if left is not None else "", refresh=True)
-            pool.close()
-        finally:
-            pool.terminate()  # a no-op after close(); stops the workers if anything went wrong
-            pool.join()
-            bar.close()
-        return results
-
-    def _ready(self, name: str, results: Mapping[str, JobResult]) -> bool:
-        parent = self.jobs[name].parent
-        return parent is None or parent in results
-
-    def _done_fractions(self, results: Mapping[str, JobResult], running: Sequence[str]) -> dict[str, float]:
-        """How much of each job is done: finished ones whole, running ones by the steps their metrics log holds."""
-        done = {name: 1.0 for name in results}
-        for name in running:
-            job = self.jobs[name]
-            metrics = job.config.run_dir / JSONL_FILE
-            steps = sum(1 for _ in metrics.open()) if metrics.exists() else 0
-            done[name] = 0.9 * min(steps, job.steps) / max(job.steps, 1)  # the last tenth is its evaluation
-        return done
-
-    def _seconds_left(self, done: Mapping[str, float], results: Mapping[str, JobResult]) -> float | None:
-        """Replay what is left on the workers (parents first) at the seconds per cost unit measured so far."""
-        now = time.time()
-        spent = sum(now - self.started[name] for name, fraction in done.items() if name not in results and fraction)
-        spent += sum(result.finished - result.started for result in results.values())
-        progressed = sum(self.jobs[name].cost * fraction for name, fraction in done.items())
-        if progressed <= 0:
-            return None
-        seconds_per_cost = spent / progressed
-        free_at = [0.0] * self.workers
-        finish: dict[str, float] = {name: 0.0 for name in results}
-        for name, job in self.jobs.items():  # parents come before their children in the plan
-            if name in results:
-                continue
-            left = job.cost * (1.0 - done.get(name, 0.0)) * seconds_per_cost
-            worker = min(range(self.workers), key=free_at.__getitem__)
-            start = max(free_at[worker], finish.get(job.parent, 0.0) if job.parent else 0.0)
-            finish[name] = free_at[worker] = start + left
-        return max(finish.values(), default=0.0)
-
-
-# ---------------------------------------------------------------------------------------------------- explain
-#: Outline colours of latent steps 1, 2, 3 that no digit cell has (the cells are red, green, blue, yellow).
-EXPLAIN_STEP_COLORS = ("black", "magenta", "cyan")
-
-
-def explain_questions(checkpoint: Path, data: DemoData, count: int, out_dir: Path) -> list[Path]:
-    """Draw, for the first ``count`` test questions, the image cells each latent step of the model inserted, each
-    step labelled with the cell its written counterpart reads and what its latent state decodes to."""
-    model = load(checkpoint, device="cpu")
-    examples = load_examples("m3cot", "test", data_files=data.reasoning, limit=count)
-    paths = []
-    for example in examples:
-        puzzle = data.puzzles[example.id]
-        result = answer_question(model, example.image, example.question, example.choices, read_back=True)
-        said = result.latent_texts or []
-        labels = [f"step {step + 1}: reads {puzzle.colours[cell]} ({puzzle.digits[cell]})"
-                  + (f"; says \"{said[step]}\"" if step < len(said) else "")
-                  for step, cell in enumerate(puzzle.path)]
-        title = f"{example.question} answered {result.answer or '-'}, gold {example.answer}"
-        path = out_dir / f"{example.id}.png"
-        save_selection_png(path, result.seen_image, result.grid_hw, result.selected, scale=3, title=title,
-                           step_colors=EXPLAIN_STEP_COLORS, step_labels=labels)
-        paths.append(path)
-    return paths
-
-
 # ---------------------------------------------------------------------------------------------------- command
 #: Subfolders of ``--out`` the demo writes; a new demo run clears them (a stale run directory would be resumed).
 OUTPUT_PARTS = ("data", "base_model", "runs", "eval", "explain")
@@ -573,7 +456,7 @@ def run_demo(recipe: DemoRecipe, out: Path, *, seed: int = 0, quick: bool = Fals
     model_dir = build_base_model(recipe, tokenizer_corpus(data), out / "base_model", seed)
     jobs = plan_jobs(recipe, model_dir, data, out, seed, variants)
     setup_done = time.time()
-    results = JobScheduler(jobs, workers, cores).run()
+    results = JobScheduler(jobs, execute_job, workers, cores).run()
     training_done = time.time()
 
     rows = {}
@@ -586,8 +469,8 @@ def run_demo(recipe: DemoRecipe, out: Path, *, seed: int = 0, quick: bool = Fals
                                                     job.config.resume) for job in jobs.values()}
     stage_starts = [recipe.stage0_epochs + recipe.epochs_per_stage * s for s in range(recipe.max_latent_stage)]
     curve_path = report_lib.plot_training_curves(curves, stage_starts, out / "training_curve.png")
-    explained = explain_questions(Path(results["ivtlr_supervised"].checkpoint), data, recipe.n_explained,
-                                  out / "explain")
+    explained = explain_questions(Path(results["ivtlr_supervised"].checkpoint), data.reasoning, data.puzzles,
+                                  recipe.n_explained, out / "explain")
     probes = {variant: results[variant].probe for variant in PROBED_VARIANTS}
     phases = {"data and base model": setup_done - started}
     phases.update({jobs[name].label: result.finished - result.started for name, result in results.items()})

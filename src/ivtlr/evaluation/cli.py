@@ -3,7 +3,8 @@
 Answers the config's evaluation split (``dataset.eval_split`` of M3CoT, ScienceQA or local files) in batches of
 ``eval.batch_size``, writes the predictions JSONL (resumable) and a summary JSON, and prints the accuracy table.
 Without ``--checkpoint`` or ``--original`` it evaluates ``model`` from the config as it is (zero-shot baselines,
-smoke runs).
+smoke runs). Under ``accelerate launch --num_processes N -m ivtlr eval ...`` the processes share the questions out
+and the main one merges their answers into the same predictions file (:mod:`ivtlr.evaluation.sharding`).
 
 The config, the options and the output folder are checked before torch and the data loaders are imported, so a
 mistake in any of them is one line within a second.
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from ivtlr.backbones import check_tiny_family
 from ivtlr.config import Config, ConfigError, load_config
-from ivtlr.errors import check_output_dir
+from ivtlr.errors import UserError, check_output_dir
 from ivtlr.files import write_text_atomically
 from ivtlr.evaluation.records import format_summary_table
 from ivtlr.evaluation.arguments import add_device_argument, add_model_arguments, check_model_arguments
@@ -27,6 +28,7 @@ from ivtlr.evaluation.provenance import checkpoint_identity, config_model_identi
 
 if TYPE_CHECKING:
     import torch
+    from accelerate import PartialState
 
     from ivtlr.data import ExampleSequence
     from ivtlr.loading import LoadedModel
@@ -118,16 +120,46 @@ def run_label(args: argparse.Namespace) -> str:
     return args.original.stem if args.original is not None else "untrained"
 
 
+def launch_state() -> PartialState:
+    """Accelerate's view of this launch: one process when started plainly, N under ``accelerate launch``. torchrun
+    does not pass ``--cpu`` on to the processes, so a machine without a GPU (or ``ACCELERATE_USE_CPU=1``) asks for
+    CPU processes (gloo) here, as the trainer's Accelerator does."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def process_device(state: PartialState, device: str | None) -> torch.device:
+    """``--device`` (default: cuda if available, else cpu) for one process; with N, each process's own device
+    (``--device cpu`` puts them all on the CPU; naming one accelerator for all of them is refused)."""
+    import torch
+
+    from ivtlr.loading import resolve_device
+
+    if state.num_processes == 1:
+        return resolve_device(device)
+    if device is None and state.device.type != "cpu":
+        return state.device
+    if device is None or device.split(":")[0] == "cpu":
+        return torch.device("cpu")  # accelerate names it cpu:0; one-process runs say cpu
+    raise UserError(f"--device {device} with {state.num_processes} processes would put every process on it: "
+                    "leave --device out under `accelerate launch` (each process answers on its own device)")
+
+
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     check_tiny_family(config.model)
     out = args.out if args.out is not None else config.run_dir / "eval"
     check_arguments(args, out)
-    from ivtlr.loading import resolve_device
     from ivtlr.evaluation.runner import GenerationSettings, evaluate, evaluation_summary, group_keys_for
+    from ivtlr.evaluation.sharding import evaluate_sharded, part_files
 
-    device = resolve_device(args.device)
-    examples = load_eval_examples(config)  # the data is checked before a model is loaded
+    state = launch_state()
+    device = process_device(state, args.device)
+    with state.main_process_first():  # a hub split is downloaded and cached once
+        examples = load_eval_examples(config)  # the data is checked before a model is loaded
     if not len(examples):
         raise ConfigError(f"no usable questions in {config.dataset.source} split {config.dataset.eval_split!r} "
                           f"(data_files={config.dataset.data_files}); the warnings above name the skipped rows")
@@ -141,15 +173,25 @@ def run(args: argparse.Namespace) -> int:
                 n_latent, model.engine.num_selected_patches, len(examples), predictions)
     start = time.perf_counter()
     provenance = provenance_of(args, config, model, settings)
-    records = evaluate(model, examples, predictions, settings, batch_size=config.eval.batch_size,
-                       answer_rule=config.eval.answer_rule, progress=not args.no_progress, provenance=provenance,
-                       fresh=args.fresh)
+    options = {"batch_size": config.eval.batch_size, "answer_rule": config.eval.answer_rule,
+               "progress": not args.no_progress, "provenance": provenance, "fresh": args.fresh}
+    if state.num_processes == 1 and not part_files(predictions):
+        records = evaluate(model, examples, predictions, settings, **options)
+    else:  # N processes, or the parts of an interrupted N-process run to merge (sharding.py)
+        merged = evaluate_sharded(model, examples, predictions, settings, state=state, **options)
+        if state.num_processes > 1:
+            state.destroy_process_group()
+        if merged is None:
+            return 0  # not the main process: the main one merged the parts and reports
+        records = merged
     run_info = {"model": model.source, "mode": model.mode, "n_latent": n_latent,
                 "num_selected_patches": model.engine.num_selected_patches, "dataset": config.dataset.source,
                 "split": config.dataset.eval_split, "answer_rule": config.eval.answer_rule,
                 "max_new_tokens": config.eval.max_new_tokens, "batch_size": config.eval.batch_size,
                 "device": str(device), "predictions": str(predictions), "weights": provenance["weights"],
                 "wall_seconds_this_run": time.perf_counter() - start}
+    if state.num_processes > 1:
+        run_info["processes"] = state.num_processes
     summary = evaluation_summary(records, group_keys_for(examples), run_info)
     write_text_atomically(summary_path, json.dumps(summary, indent=2) + "\n")
     logger.info("wrote %s", summary_path)

@@ -111,12 +111,14 @@ def evaluate(model: LoadedModel, examples: Sequence[Example], predictions_path: 
     with exclusive_writer(predictions_path):
         if provenance is not None:
             claim_predictions(predictions_path, provenance, fresh=fresh)
-        return _answer_pending(model, examples, predictions_path, settings, batch_size, answer_rule, progress)
+        return answer_pending(model, examples, predictions_path, settings, batch_size, answer_rule, progress)
 
 
-def _answer_pending(model: LoadedModel, examples: Sequence[Example], predictions_path: Path,
-                    settings: GenerationSettings, batch_size: int, answer_rule: ExtractionRule, progress: bool
-                    ) -> list[PredictionRecord]:
+def answer_pending(model: LoadedModel, examples: Sequence[Example], predictions_path: Path,
+                   settings: GenerationSettings, batch_size: int, answer_rule: ExtractionRule, progress: bool
+                   ) -> list[PredictionRecord]:
+    """Answer the ``examples`` not yet in ``predictions_path``, appending them batch by batch (no lock, no
+    provenance check: :func:`evaluate` and :func:`ivtlr.evaluation.sharding.evaluate_sharded` do those)."""
     done = load_done_ids(predictions_path)
     if done:
         logger.info("%s holds %d answered questions: resuming", predictions_path, len(done))

@@ -95,6 +95,8 @@ class ChainRunner:
             # (no mask to build, and sdpa's causal or unmasked kernels) computes the same numbers.
             decoder_mask = None if bool(full_mask.all()) else full_mask
             if self.vision_bottleneck:
+                # A sample's prompt is at column 0 (samples joining a live batch: from the pass after their prompt
+                # pass, once compacted; during it, no row of theirs is past the prompt).
                 decoder_mask = bottleneck_mask(full_mask, embeds.shape[1], [st.segments[0] for st in self.states],
                                                self.dtype)
             with torch.set_grad_enabled(grad):
@@ -113,6 +115,54 @@ class ChainRunner:
                 seg.hidden, seg.column = hidden[b, start : start + seg.length], offset + start
                 start += seg.length
         return rows_out
+
+    def admit(self, states: list[SampleState]) -> None:
+        """Add samples to a running cached chain (continuous batching): each gets a row of masked cache columns,
+        so its first segment, given to the next :meth:`run`, is computed as if it were alone."""
+        if not self.cached:
+            raise RuntimeError("only a cached chain admits samples")
+        self.states.extend(states)
+        extra = len(states)
+        self.key_mask = torch.cat([self.key_mask, self.key_mask.new_zeros(extra, self.key_mask.shape[1])])
+        for layer in self._cache_layers():
+            layer.keys = torch.cat([layer.keys, layer.keys.new_zeros(extra, *layer.keys.shape[1:])])
+            layer.values = torch.cat([layer.values, layer.values.new_zeros(extra, *layer.values.shape[1:])])
+
+    def retire(self, keep: list[int]) -> None:
+        """Keep only the samples ``keep`` (indices into :attr:`states`, in order): the others leave the chain."""
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.states = [self.states[b] for b in keep]
+        self.key_mask = self.key_mask[index]
+        for layer in self._cache_layers():
+            layer.keys, layer.values = layer.keys[index], layer.values[index]
+
+    def compact(self, rows: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Move each sample's real cache columns to the left, in order, and drop the columns no sample needs, so the
+        cache stays as wide as its longest sample however samples come and go. Each sample's first segment (its
+        prompt) then starts at column 0, as :meth:`run` callers read attention rows. ``rows`` (B, Lk), attention
+        rows of the last pass, are moved the same way and returned. Keys carry their own positions: moving columns
+        changes no number a sample computes."""
+        real = self.key_mask.bool()
+        width = int(real.sum(1).max()) if len(self.states) else 0
+        order = torch.sort((~real).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        self.key_mask = self.key_mask.gather(1, order)
+        for layer in self._cache_layers():
+            index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+            layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+        for state in self.states:
+            column = 0
+            for seg in state.segments:
+                seg.column = column
+                column += seg.length
+        return rows.gather(1, order) if rows is not None else None
+
+    def _cache_layers(self) -> list:
+        """The cache's per-layer key/value stores (batch first), refusing kinds whose rows cannot be moved."""
+        layers = [layer for layer in self.cache.layers if getattr(layer, "keys", None) is not None
+                  and layer.keys.numel()]
+        if any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+            raise RuntimeError("continuous batching needs a plain dynamic key/value cache (no sliding window)")
+        return layers
 
     def fork(self) -> ChainRunner:
         """An independent runner continuing from this one's state (a copy of the cache, the same computed rows), so

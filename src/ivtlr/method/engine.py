@@ -19,9 +19,11 @@ from ivtlr.method.attention_rows import ROW_KERNEL_PREFIX, AttentionRowRecorder,
 from ivtlr.backbones import Backbone, get_backbone
 from ivtlr.method.chain import IGNORE_INDEX, ChainRunner, SampleState, Segment
 from ivtlr.method.interventions import NO_INTERVENTION, LatentIntervention
+from ivtlr.method.live import LiveBatch
 from ivtlr.method.layout import Layout, SegmentBuilder, fed_latents
 from ivtlr.method.outputs import GenerationOutput, IVTLROutput
 from ivtlr.method.recompute import recompute_forward
+from ivtlr.method.sampling import TokenPicker
 from ivtlr.method.selection import PATCH_ORDERS
 from ivtlr.method.supervision import LatentSupervision
 
@@ -86,7 +88,7 @@ class IVTLR(nn.Module):
             getattr(self.backbone.text_config, "pad_token_id", None) or min(self.eos_token_ids, default=0)
         self.recorder = AttentionRowRecorder(self.backbone.attention_modules())
         attach_recorder(self.recorder, self.backbone.attention_modules())
-        self._select_row_kernel()
+        self.prepare_row_kernel()
         self.builder = SegmentBuilder(self.backbone, latent_token_id=self.latent_token_id,
                                       num_selected_patches=self.num_selected_patches, patch_order=patch_order,
                                       latent_text=latent_text, latent_grad=latent_grad, positions=positions,
@@ -192,14 +194,14 @@ class IVTLR(nn.Module):
         for intervention in interventions:
             intervention.check_batch(len(layouts))
         query = measure_attention or max(lay.n_latent for lay in layouts) > 0
-        self._select_row_kernel()
+        self.prepare_row_kernel()
         prefilled, rows = self._prefill(layouts, vision, cached=True, grad=False, query=query)
         outputs = []
         for i, intervention in enumerate(interventions):
             runner = prefilled.fork() if i < len(interventions) - 1 else prefilled
             selected, final_rows = self._latent_passes(layouts, runner, rows, grad=False,
                                                        intervention=intervention, query_last=measure_attention)
-            pick = _TokenPicker(do_sample, temperature, top_p, top_k, generator)
+            pick = TokenPicker(do_sample, temperature, top_p, top_k, generator)
             decoder = _Decoder(self, runner, layouts, final_rows if measure_attention else None)
             sequences, lengths, attention = decoder.run(pick, max_new_tokens, eos, pad, input_ids.device)
             outputs.append(GenerationOutput(sequences=sequences, lengths=lengths, selected=selected,
@@ -214,13 +216,18 @@ class IVTLR(nn.Module):
         layouts = self.builder.layouts(input_ids, attention_mask, None, _vision(vision_inputs))
         return [lay.image_embeds for lay in layouts]
 
+    def live_batch(self) -> LiveBatch:
+        """An empty :class:`~ivtlr.method.live.LiveBatch` on this engine: requests join and leave between passes
+        (continuous batching, as ``ivtlr serve`` runs it), each answered as :meth:`generate` answers it alone."""
+        return LiveBatch(self)
+
     def image_grid(self, vision_inputs: Mapping[str, torch.Tensor | None], sample: int) -> tuple[int, int]:
         """(rows, cols) of a sample's image-token grid, what ``selected`` indices are laid out on, from the batch's
         vision inputs (the processor's outputs)."""
         return self.backbone.image_grid(_vision(vision_inputs), sample)
 
     # ------------------------------------------------------------------------------------------ internals
-    def _select_row_kernel(self) -> None:
+    def prepare_row_kernel(self) -> None:
         """Make the text decoder run its attention kernel through ivtlr's row-capturing function (the same kernel:
         outputs are unchanged). Checked before each chain, as the user may have switched the model's implementation
         since (``set_attn_implementation``)."""
@@ -238,7 +245,7 @@ class IVTLR(nn.Module):
                    defer_final: bool = False, intervention: LatentIntervention = NO_INTERVENTION):
         """Prompt pass, then one pass per latent step; returns the runner (segments and hidden states) and the
         selections. ``defer_final``: the caller re-runs the whole final sequence, so the last pass is skipped."""
-        self._select_row_kernel()
+        self.prepare_row_kernel()
         runner, rows = self._prefill(layouts, vision, cached=cached, grad=grad,
                                      query=max(lay.n_latent for lay in layouts) > 0)
         selected, _ = self._latent_passes(layouts, runner, rows, grad=grad, defer_final=defer_final,
@@ -291,33 +298,6 @@ def _vision(vision_inputs: Mapping[str, torch.Tensor | None]) -> dict[str, torch
     return {key: value for key, value in vision_inputs.items() if value is not None}
 
 
-class _TokenPicker:
-    """Greedy argmax, or sampling with temperature / top-k / top-p (transformers' own logits warpers)."""
-
-    def __init__(self, do_sample: bool, temperature: float, top_p: float, top_k: int,
-                 generator: torch.Generator | None):
-        from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
-                                                            TopKLogitsWarper, TopPLogitsWarper)
-
-        self.do_sample, self.generator = do_sample, generator
-        self.warpers = LogitsProcessorList()
-        if do_sample:
-            if temperature <= 0:
-                raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-            if temperature != 1.0:
-                self.warpers.append(TemperatureLogitsWarper(temperature))
-            if top_k:
-                self.warpers.append(TopKLogitsWarper(top_k))
-            if top_p < 1.0:
-                self.warpers.append(TopPLogitsWarper(top_p))
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        if not self.do_sample:
-            return logits.argmax(-1)
-        probs = self.warpers(None, logits).softmax(-1)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
-
-
 class _Decoder:
     """Greedy or sampled decoding continuing a finished latent chain, batched; optionally measures the attention the
     answer tokens pay to the latent and inserted patch rows."""
@@ -351,7 +331,7 @@ class _Decoder:
             self.mass[b, 1] += float(row[patches].sum()) if patches else 0.0
         self.counted[b] += 1
 
-    def run(self, pick: _TokenPicker, max_new_tokens: int, eos: set[int], pad: int, device
+    def run(self, pick: TokenPicker, max_new_tokens: int, eos: set[int], pad: int, device
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         runner, batch = self.runner, len(self.layouts)
         backbone = self.engine.backbone

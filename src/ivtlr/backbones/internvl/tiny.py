@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import (GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration,
                           PreTrainedTokenizerFast)
 
-from ivtlr.backbones.tiny_specs import INITIALIZER_RANGE, TinySizes, TinySpec, qwen_style_text_config
+from ivtlr.backbones.tiny_specs import TinySizes, TinySpec, qwen_style_text_config, vision_tower_config
 from ivtlr.backbones.internvl.processor import ImageOnlyInternVLProcessor
 from ivtlr.errors import UnsupportedModelSetting
 
@@ -61,10 +61,8 @@ def text_config(tokenizer: PreTrainedTokenizerFast, sizes: TinySizes, model_type
 
 def build_config(tokenizer: PreTrainedTokenizerFast, sizes: TinySizes, image_size: int,
                  text_model_type: str = "qwen3") -> InternVLConfig:
-    vision = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
-              "image_size": image_size, "patch_size": PATCH_SIZE, "initializer_range": INITIALIZER_RANGE}
     return InternVLConfig(
-        vision_config=vision,
+        vision_config=vision_tower_config(PATCH_SIZE, image_size=image_size, intermediate_size=128),  # MLP 4 x 32
         text_config=text_config(tokenizer, sizes, text_model_type),
         image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
         image_seq_length=tokens_per_tile(image_size),

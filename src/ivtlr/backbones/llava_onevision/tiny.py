@@ -8,7 +8,7 @@ from __future__ import annotations
 from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil,
                           PreTrainedTokenizerFast)
 
-from ivtlr.backbones.tiny_specs import INITIALIZER_RANGE, TinySizes, TinySpec, qwen_style_text_config
+from ivtlr.backbones.tiny_specs import TinySizes, TinySpec, qwen_style_text_config, vision_tower_config
 from ivtlr.backbones.llava_onevision.processor import ImageOnlyLlavaOnevisionProcessor
 from ivtlr.errors import UnsupportedModelSetting
 
@@ -53,9 +53,8 @@ def text_config(tokenizer: PreTrainedTokenizerFast, sizes: TinySizes) -> dict:
 
 
 def build_config(tokenizer: PreTrainedTokenizerFast, sizes: TinySizes, image_size: int) -> LlavaOnevisionConfig:
-    vision = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
-              "num_hidden_layers": 2, "num_attention_heads": 2, "patch_size": PATCH_SIZE, "image_size": image_size,
-              "vision_use_head": False, "initializer_range": INITIALIZER_RANGE}
+    vision = vision_tower_config(PATCH_SIZE, model_type="siglip_vision_model", image_size=image_size,
+                                 vision_use_head=False)
     token_id = tokenizer.convert_tokens_to_ids
     return LlavaOnevisionConfig(
         text_config=text_config(tokenizer, sizes),

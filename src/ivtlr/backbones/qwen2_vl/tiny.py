@@ -6,7 +6,8 @@ from functools import partial
 from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                           Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil)
 
-from ivtlr.backbones.tiny_specs import INITIALIZER_RANGE, TinySizes, TinySpec, qwen_style_text_config
+from ivtlr.backbones.tiny_specs import (TinySizes, TinySpec, VisionKeys, qwen_style_text_config,
+                                        vision_tower_config)
 from ivtlr.backbones.qwen2_vl.processor import ImageOnlyQwen2VLProcessor
 from ivtlr.errors import UnsupportedModelSetting
 
@@ -55,27 +56,37 @@ def text_config(tokenizer: PreTrainedTokenizerFast, sizes: TinySizes) -> dict:
                                                      "mrope_section": mrope_section(head_dim)})
 
 
+#: What the Qwen2.5-VL and Qwen3-VL vision configs call the tower's sizes.
+QWEN_VISION_KEYS = VisionKeys(depth="depth", heads="num_heads")
+#: Qwen2-VL's: its width is ``embed_dim`` (its ``hidden_size`` is the merger's output) and its MLP a ``mlp_ratio``.
+QWEN2_VL_VISION_KEYS = VisionKeys(width="embed_dim", depth="depth", heads="num_heads", mlp=None)
+
+
+def qwen_vision_config(patch_size: int, merge_size: int, keys: VisionKeys = QWEN_VISION_KEYS, **extra) -> dict:
+    """The shared tiny vision tower with the Qwen patch merger (``merge_size`` x ``merge_size``) and two-frame
+    temporal patches."""
+    return vision_tower_config(patch_size, keys, spatial_merge_size=merge_size, temporal_patch_size=2, **extra)
+
+
 def build_config(model_type: str, tokenizer: PreTrainedTokenizerFast, sizes: TinySizes, image_size: int):
-    vision_common = {"depth": 2, "num_heads": 2, "patch_size": PATCH_SIZE, "spatial_merge_size": MERGE_SIZE,
-                     "temporal_patch_size": 2, "initializer_range": INITIALIZER_RANGE}
     if model_type == "qwen2_vl":
         config_class = Qwen2VLConfig
-        vision = {**vision_common, "embed_dim": 32, "mlp_ratio": 2, "hidden_size": sizes.hidden_size}
+        vision = qwen_vision_config(PATCH_SIZE, MERGE_SIZE, QWEN2_VL_VISION_KEYS, mlp_ratio=2,  # MLP 2 x 32
+                                    hidden_size=sizes.hidden_size)
     else:
         config_class = Qwen2_5_VLConfig
         # 56-pixel windows make the default 112x112 image use both windowed (block 0) and full (block 1) attention.
-        vision = {**vision_common, "hidden_size": 32, "intermediate_size": 64, "out_hidden_size": sizes.hidden_size,
-                  "window_size": 56, "fullatt_block_indexes": [1]}
+        vision = qwen_vision_config(PATCH_SIZE, MERGE_SIZE, out_hidden_size=sizes.hidden_size, window_size=56,
+                                    fullatt_block_indexes=[1])
+    return config_class(text_config=text_config(tokenizer, sizes), vision_config=vision,
+                        **vision_token_ids(tokenizer), tie_word_embeddings=False)
+
+
+def vision_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    """The config's ids of the image, video and vision-bracket tokens (Qwen2-VL's names, kept by its heirs)."""
     token_id = tokenizer.convert_tokens_to_ids
-    return config_class(
-        text_config=text_config(tokenizer, sizes),
-        vision_config=vision,
-        image_token_id=token_id("<|image_pad|>"),
-        video_token_id=token_id("<|video_pad|>"),
-        vision_start_token_id=token_id("<|vision_start|>"),
-        vision_end_token_id=token_id("<|vision_end|>"),
-        tie_word_embeddings=False,
-    )
+    return {"image_token_id": token_id("<|image_pad|>"), "video_token_id": token_id("<|video_pad|>"),
+            "vision_start_token_id": token_id("<|vision_start|>"), "vision_end_token_id": token_id("<|vision_end|>")}
 
 
 def _spec(model_type: str, model_class) -> TinySpec:

@@ -4,8 +4,9 @@ from __future__ import annotations
 from transformers import (PreTrainedTokenizerFast, Qwen2VLImageProcessorPil, Qwen3VLConfig,
                           Qwen3VLForConditionalGeneration)
 
-from ivtlr.backbones.qwen2_vl.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, TOKEN_ROLES
-from ivtlr.backbones.tiny_specs import INITIALIZER_RANGE, TinySizes, TinySpec, qwen_style_text_config
+from ivtlr.backbones.qwen2_vl.tiny import (CHAT_TEMPLATE, SPECIAL_TOKENS, TOKEN_ROLES, qwen_vision_config,
+                                         vision_token_ids)
+from ivtlr.backbones.tiny_specs import TinySizes, TinySpec, qwen_style_text_config
 from ivtlr.backbones.qwen3_vl.processor import ImageOnlyQwen3VLProcessor
 from ivtlr.errors import UnsupportedModelSetting
 
@@ -47,20 +48,10 @@ def text_config(tokenizer: PreTrainedTokenizerFast, sizes: TinySizes) -> dict:
 
 
 def build_config(tokenizer: PreTrainedTokenizerFast, sizes: TinySizes, image_size: int) -> Qwen3VLConfig:
-    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": PATCH_SIZE,
-              "spatial_merge_size": MERGE_SIZE, "temporal_patch_size": 2, "out_hidden_size": sizes.hidden_size,
-              "num_position_embeddings": 64, "deepstack_visual_indexes": DEEPSTACK_VISUAL_INDEXES,
-              "initializer_range": INITIALIZER_RANGE}
-    token_id = tokenizer.convert_tokens_to_ids
-    return Qwen3VLConfig(
-        text_config=text_config(tokenizer, sizes),
-        vision_config=vision,
-        image_token_id=token_id("<|image_pad|>"),
-        video_token_id=token_id("<|video_pad|>"),
-        vision_start_token_id=token_id("<|vision_start|>"),
-        vision_end_token_id=token_id("<|vision_end|>"),
-        tie_word_embeddings=False,
-    )
+    vision = qwen_vision_config(PATCH_SIZE, MERGE_SIZE, out_hidden_size=sizes.hidden_size, num_position_embeddings=64,
+                                deepstack_visual_indexes=DEEPSTACK_VISUAL_INDEXES)
+    return Qwen3VLConfig(text_config=text_config(tokenizer, sizes), vision_config=vision,
+                         **vision_token_ids(tokenizer), tie_word_embeddings=False)
 
 
 TINY = {"qwen3_vl": TinySpec(model_class=Qwen3VLForConditionalGeneration, special_tokens=SPECIAL_TOKENS,

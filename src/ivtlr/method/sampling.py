@@ -1,0 +1,31 @@
+"""Picking the next token from logits: greedy, or sampled through transformers' own logits warpers."""
+from __future__ import annotations
+
+import torch
+
+
+class TokenPicker:
+    """Greedy argmax, or sampling with temperature / top-k / top-p (transformers' own logits warpers)."""
+
+    def __init__(self, do_sample: bool, temperature: float, top_p: float, top_k: int,
+                 generator: torch.Generator | None):
+        from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                            TopKLogitsWarper, TopPLogitsWarper)
+
+        self.do_sample, self.generator = do_sample, generator
+        self.warpers = LogitsProcessorList()
+        if do_sample:
+            if temperature <= 0:
+                raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+            if temperature != 1.0:
+                self.warpers.append(TemperatureLogitsWarper(temperature))
+            if top_k:
+                self.warpers.append(TopKLogitsWarper(top_k))
+            if top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(top_p))
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.do_sample:
+            return logits.argmax(-1)
+        probs = self.warpers(None, logits).softmax(-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
