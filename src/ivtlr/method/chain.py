@@ -95,8 +95,6 @@ class ChainRunner:
             # (no mask to build, and sdpa's causal or unmasked kernels) computes the same numbers.
             decoder_mask = None if bool(full_mask.all()) else full_mask
             if self.vision_bottleneck:
-                # A sample's prompt is at column 0 (samples joining a live batch: from the pass after their prompt
-                # pass, once compacted; during it, no row of theirs is past the prompt).
                 decoder_mask = bottleneck_mask(full_mask, embeds.shape[1], [st.segments[0] for st in self.states],
                                                self.dtype)
             with torch.set_grad_enabled(grad):
@@ -116,17 +114,18 @@ class ChainRunner:
                 start += seg.length
         return rows_out
 
-    def admit(self, states: list[SampleState]) -> None:
-        """Add samples to a running cached chain (continuous batching): each gets a row of masked cache columns,
-        so its first segment, given to the next :meth:`run`, is computed as if it were alone."""
-        if not self.cached:
-            raise RuntimeError("only a cached chain admits samples")
-        self.states.extend(states)
-        extra = len(states)
-        self.key_mask = torch.cat([self.key_mask, self.key_mask.new_zeros(extra, self.key_mask.shape[1])])
-        for layer in self._cache_layers():
-            layer.keys = torch.cat([layer.keys, layer.keys.new_zeros(extra, *layer.keys.shape[1:])])
-            layer.values = torch.cat([layer.values, layer.values.new_zeros(extra, *layer.values.shape[1:])])
+    def merge(self, other: ChainRunner) -> None:
+        """Append ``other``'s samples, with their cached passes, after this chain's (continuous batching: questions
+        joining a running batch have their prompt pass on their own, then go on with it). The narrower of the two
+        caches is widened on the right with masked columns, so every sample keeps its columns and its numbers."""
+        if not (self.cached and other.cached):
+            raise RuntimeError("only cached chains merge")
+        width = max(self.key_mask.shape[1], other.key_mask.shape[1])
+        self.key_mask = torch.cat([_widen(self.key_mask, width, 1), _widen(other.key_mask, width, 1)])
+        for mine, theirs in zip(self._cache_layers(), other._cache_layers(), strict=True):
+            mine.keys = torch.cat([_widen(mine.keys, width, 2), _widen(theirs.keys, width, 2)])
+            mine.values = torch.cat([_widen(mine.values, width, 2), _widen(theirs.values, width, 2)])
+        self.states.extend(other.states)
 
     def retire(self, keep: list[int]) -> None:
         """Keep only the samples ``keep`` (indices into :attr:`states`, in order): the others leave the chain."""
@@ -139,9 +138,9 @@ class ChainRunner:
     def compact(self, rows: torch.Tensor | None = None) -> torch.Tensor | None:
         """Move each sample's real cache columns to the left, in order, and drop the columns no sample needs, so the
         cache stays as wide as its longest sample however samples come and go. Each sample's first segment (its
-        prompt) then starts at column 0, as :meth:`run` callers read attention rows. ``rows`` (B, Lk), attention
-        rows of the last pass, are moved the same way and returned. Keys carry their own positions: moving columns
-        changes no number a sample computes."""
+        prompt) stays at column 0, where :meth:`run` callers read attention rows. ``rows`` (B, Lk), attention rows
+        of the last pass, are moved the same way and returned. Keys carry their own positions: moving columns changes
+        no number a sample computes."""
         real = self.key_mask.bool()
         width = int(real.sum(1).max()) if len(self.states) else 0
         order = torch.sort((~real).to(torch.int8), dim=1, stable=True).indices[:, :width]
@@ -181,6 +180,14 @@ class ChainRunner:
     def last_hidden(self, b: int) -> torch.Tensor:
         """Hidden state of the sample's latest real row (the vector the LM head reads)."""
         return self.states[b].segments[-1].hidden[-1]
+
+
+def _widen(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``tensor`` zero-padded on the right of ``dim`` to ``width``."""
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    return torch.cat([tensor, tensor.new_zeros(*tensor.shape[:dim], missing, *tensor.shape[dim + 1:])], dim=dim)
 
 
 @dataclass

@@ -1,11 +1,12 @@
 """Continuous batching at the level of steps: requests join and leave a running latent chain between passes.
 
-Each :meth:`LiveBatch.tick` runs one decoder pass in which every active request advances by one unit — its prompt
-pass (the request just joined), one latent step, or one answer token — over one shared key/value cache. A request
-joins with masked cache columns and leaves as soon as it is done; :meth:`~ivtlr.method.chain.ChainRunner.compact`
-keeps the cache as wide as the longest request. Every request's keys, positions and attention rows are its own, so
-its answer is the one :meth:`IVTLR.generate <ivtlr.method.engine.IVTLR.generate>` gives for it alone, whatever else
-is in flight.
+Each :meth:`LiveBatch.tick` advances every active request by one unit — one latent step or one answer token, all
+in one decoder pass over one shared key/value cache — and gives the requests that join their prompt pass, in a pass
+of their own (a prompt is a hundred rows and more: in the shared pass every request would carry that width), after
+which they join the shared cache. A request leaves as soon as it is done;
+:meth:`~ivtlr.method.chain.ChainRunner.compact` keeps the cache about as wide as the longest request. Every
+request's keys, positions and attention rows are its own, so its answer is the one
+:meth:`IVTLR.generate <ivtlr.method.engine.IVTLR.generate>` gives for it alone, whatever else is in flight.
 """
 from __future__ import annotations
 
@@ -110,47 +111,51 @@ class LiveBatch:
 
     @torch.no_grad()
     def tick(self) -> list[TickEvent]:
-        """One decoder pass advancing every active request by one unit; returns what each gained."""
+        """Advance every active request by one unit and give the waiting ones their prompt pass; returns what each
+        gained."""
         joining, self.waiting = self.waiting, []
-        if not self.active and not joining:
-            return []
-        engine = self.engine
-        engine.prepare_row_kernel()
-        self._join(joining)
-        segments = [self._next_segment(request) for request in self.active]
-        # Attention rows are needed where a latent step follows this pass: after a prompt pass with latent slots,
-        # and after every latent step but the last.
-        query = any(segment is not None and request.steps_done + (segment is not request.prompt) < request.n_latent
-                    for request, segment in zip(self.active, segments))
-        rows = self.runner.run(segments, query=query, grad=False)
-        rows = self.runner.compact(rows)
-        events = self._advance(rows)
+        events = []
+        if self.active or joining:
+            self.engine.prepare_row_kernel()
+        if self.active:
+            segments = [self._next_segment(request) for request in self.active]
+            # Attention rows are needed where a latent step follows this pass (every latent step but the last).
+            query = any(segment is not None and request.steps_done + 1 < request.n_latent
+                        for request, segment in zip(self.active, segments))
+            rows = self.runner.run(segments, query=query, grad=False)
+            if self._wasted():
+                rows = self.runner.compact(rows)
+            events += self._advance(self.active, rows)
+        if joining:
+            events += self._join(joining)
         self._retire()
         return events
 
     # ------------------------------------------------------------------------------------------ internals
-    def _join(self, joining: list[LiveRequest]) -> None:
-        """Give each joining request its sample state (and the batch its runner) before the pass."""
+    def _join(self, joining: list[LiveRequest]) -> list[TickEvent]:
+        """The joining requests' prompt pass, on a chain of their own, which then joins the shared one."""
         for request in joining:
             request.state = SampleState(next_position=request.next_position)
             request.taken = torch.zeros(len(request.layout.image_index), dtype=torch.bool,
                                         device=request.layout.ids.device)
-        states = [request.state for request in joining]
+        first = joining[0].layout
+        runner = ChainRunner(self.engine.backbone, self.engine.recorder, [request.state for request in joining],
+                             cached=True, dtype=first.embeds.dtype, device=first.ids.device,
+                             vision_bottleneck=self.engine.vision_bottleneck)
+        rows = runner.run([request.prompt for request in joining],
+                          query=any(request.n_latent > 0 for request in joining), grad=False)
+        events = self._advance(joining, rows)
         if self.runner is None:
-            first = joining[0].layout
-            self.runner = ChainRunner(self.engine.backbone, self.engine.recorder, states, cached=True,
-                                      dtype=first.embeds.dtype, device=first.ids.device,
-                                      vision_bottleneck=self.engine.vision_bottleneck)
-        elif states:
-            self.runner.admit(states)
+            self.runner = runner
+        else:
+            self.runner.merge(runner)
         self.active.extend(joining)
+        return events
 
     def _next_segment(self, request: LiveRequest) -> Segment | None:
         """The rows the request adds this pass: its prompt, its next latent step, or its last token."""
         if request.finished:
             return None
-        if not request.state.segments:
-            return request.prompt
         if request.steps_done < request.n_latent:
             return self.engine.builder.latent_step_segment(request.layout, request.state, request.state.segments[-1]
                                                            .hidden[-1], request.rows, request.taken,
@@ -162,10 +167,11 @@ class LiveBatch:
         return Segment(backbone.input_embeddings()(token), request.state.positions(1, backbone.position_rows, device),
                        torch.full((1,), IGNORE_INDEX, device=device))
 
-    def _advance(self, rows: torch.Tensor | None) -> list[TickEvent]:
-        """Book what the pass computed: a latent step's rows, or the next token of each answering request."""
+    def _advance(self, requests: list[LiveRequest], rows: torch.Tensor | None) -> list[TickEvent]:
+        """Book what the pass over ``requests`` computed: a latent step's rows, or each answering request's next
+        token."""
         events, answering = [], []
-        for b, request in enumerate(self.active):
+        for b, request in enumerate(requests):
             if request.finished:
                 continue
             segment = request.state.segments[-1]
@@ -185,6 +191,12 @@ class LiveBatch:
                 request.finished = token in request.eos or len(request.tokens) >= request.max_new_tokens
                 events.append(TickEvent(request, "token", token, finished=request.finished))
         return events
+
+    def _wasted(self) -> bool:
+        """Whether a quarter of the cache's columns hold no request's keys (left by requests that finished).
+        Compacting moves every cached key, so it waits until it pays."""
+        mask = self.runner.key_mask
+        return mask.shape[1] > 0 and int(mask.sum(1).max()) < 0.75 * mask.shape[1]
 
     def _retire(self) -> None:
         keep = [b for b, request in enumerate(self.active) if not request.finished]
