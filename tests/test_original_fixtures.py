@@ -106,12 +106,19 @@ def test_generation_matches_original(fixture_set, order):
         assert new_ids[0].tolist() == expected, name
 
 
-def test_first_generated_eos_stops(fixture_set):
-    """The original does not test the first token against EOS; we do (each sample stops at its first EOS)."""
-    root, cases = fixture_set
-    case = cases["generate"].get("n_latent_3_first_token_eos")
-    if case is None:
-        pytest.skip("no first-token-EOS case for this model")
+FIRST_TOKEN_EOS = "n_latent_3_first_token_eos"
+
+
+def _recorded_cases(model: str) -> dict:
+    return torch.load(FIXTURES / model / "cases.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("model", [m for m in MODELS if FIRST_TOKEN_EOS in _recorded_cases(m)["generate"]])
+def test_first_generated_eos_stops(model):
+    """The original does not test the first token against EOS; we do (each sample stops at its first EOS). Run on
+    the fixture sets that recorded such a case."""
+    root, cases = FIXTURES / model, _recorded_cases(model)
+    case = cases["generate"][FIRST_TOKEN_EOS]
     model = _load(root, cases["K"], "topk")
     new_ids = model.generate(**_inputs(case, with_labels=False), max_new_tokens=case["max_new_tokens"])
     assert new_ids[0].tolist() == [case["eos_token_id"]]

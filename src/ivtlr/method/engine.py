@@ -157,8 +157,8 @@ class IVTLR(nn.Module):
                  pad_token_id: int | None = None, do_sample: bool = False, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None,
                  return_dict: bool = False, intervention: LatentIntervention | None = None,
-                 measure_attention: bool = False, **vision_inputs: torch.Tensor | None
-                 ) -> torch.Tensor | GenerationOutput:
+                 measure_attention: bool = False, return_log_probs: bool = False,
+                 **vision_inputs: torch.Tensor | None) -> torch.Tensor | GenerationOutput:
         """Decode after the latent chain, batched, continuing from the chain's own cache.
 
         ``input_ids`` hold the prompt with its ``<|latent|>`` slots (any padding, marked by ``attention_mask``);
@@ -166,14 +166,16 @@ class IVTLR(nn.Module):
         ``do_sample`` draws with ``temperature`` / ``top_p`` / ``top_k`` from ``generator``.
         Each sample stops at its first EOS (the first generated token included) or after ``max_new_tokens``.
         ``intervention`` replaces what the latent steps feed back or insert (:mod:`ivtlr.method.interventions`; off by
-        default); ``measure_attention`` also reports the attention the answer tokens pay to the latent and patch rows.
+        default); ``measure_attention`` also reports the attention the answer tokens pay to the latent and patch rows;
+        ``return_log_probs`` each generated token's log-probability (``token_log_probs``).
         Returns the new ids, (B, T), padded with ``pad_token_id``.
         """
         (out,) = self.generate_variants(input_ids, attention_mask, interventions=[intervention or NO_INTERVENTION],
                                         max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                                         pad_token_id=pad_token_id, do_sample=do_sample, temperature=temperature,
                                         top_p=top_p, top_k=top_k, generator=generator,
-                                        measure_attention=measure_attention, **vision_inputs)
+                                        measure_attention=measure_attention, return_log_probs=return_log_probs,
+                                        **vision_inputs)
         return out if return_dict else out.sequences
 
     @torch.no_grad()
@@ -182,7 +184,8 @@ class IVTLR(nn.Module):
                           eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
                           do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                           generator: torch.Generator | None = None, measure_attention: bool = False,
-                          **vision_inputs: torch.Tensor | None) -> list[GenerationOutput]:
+                          return_log_probs: bool = False, **vision_inputs: torch.Tensor | None
+                          ) -> list[GenerationOutput]:
         """:meth:`generate` once per intervention on the same batch, the prompt pass computed once and shared."""
         if self.recompute and any(not i.is_identity for i in interventions):
             raise ValueError("interventions run on the cached chain; build the engine with recompute=False")
@@ -203,10 +206,11 @@ class IVTLR(nn.Module):
                                                        intervention=intervention, query_last=measure_attention)
             pick = TokenPicker(do_sample, temperature, top_p, top_k, generator)
             decoder = _Decoder(self, runner, layouts, final_rows if measure_attention else None)
-            sequences, lengths, attention = decoder.run(pick, max_new_tokens, eos, pad, input_ids.device)
+            sequences, lengths, attention, log_probs = decoder.run(pick, max_new_tokens, eos, pad, input_ids.device,
+                                                                   return_log_probs)
             outputs.append(GenerationOutput(sequences=sequences, lengths=lengths, selected=selected,
                                             latents=[fed_latents(st) for st in runner.states],
-                                            answer_attention=attention))
+                                            answer_attention=attention, token_log_probs=log_probs))
         return outputs
 
     @torch.no_grad()
@@ -331,19 +335,23 @@ class _Decoder:
             self.mass[b, 1] += float(row[patches].sum()) if patches else 0.0
         self.counted[b] += 1
 
-    def run(self, pick: TokenPicker, max_new_tokens: int, eos: set[int], pad: int, device
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def run(self, pick: TokenPicker, max_new_tokens: int, eos: set[int], pad: int, device, log_probs: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         runner, batch = self.runner, len(self.layouts)
         backbone = self.engine.backbone
         hidden = torch.stack([runner.last_hidden(b) for b in range(batch)])
-        tokens = pick(backbone.logits(hidden.unsqueeze(1))[:, -1].float())
+        logits = backbone.logits(hidden.unsqueeze(1))[:, -1].float()
+        tokens = pick(logits)
         out = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
+        scores = torch.zeros(batch, max_new_tokens, device=device) if log_probs else None
         lengths = torch.zeros(batch, dtype=torch.long, device=device)
         active = torch.ones(batch, dtype=torch.bool, device=device)
         embed = backbone.input_embeddings()
         eos_ids = torch.tensor(sorted(eos), device=device) if eos else None
         for step in range(max_new_tokens):
             out[active, step] = tokens[active]
+            if scores is not None:
+                scores[active, step] = pick.log_prob(logits, tokens)[active]
             lengths += active.long()
             if eos_ids is not None:
                 active &= ~torch.isin(tokens, eos_ids)
@@ -361,7 +369,8 @@ class _Decoder:
             else:
                 runner.run(segments, query=False, grad=False)
             hidden = torch.stack([runner.last_hidden(b) for b in range(batch)])
-            tokens = pick(backbone.logits(hidden.unsqueeze(1))[:, -1].float())
-        sequences = out[:, : int(lengths.max()) if batch else 0]
+            logits = backbone.logits(hidden.unsqueeze(1))[:, -1].float()
+            tokens = pick(logits)
+        width = int(lengths.max()) if batch else 0
         attention = self.mass / self.counted.clamp_min(1).unsqueeze(1) if self.measure else None
-        return sequences, lengths, attention
+        return out[:, :width], lengths, attention, scores[:, :width] if scores is not None else None

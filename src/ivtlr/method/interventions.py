@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -42,6 +43,9 @@ class LatentIntervention:
     seeds: Sequence[int] | None = None
     donor_latents: Sequence[torch.Tensor] | None = None
     donor_image_embeds: Sequence[torch.Tensor] | None = None
+    #: whether :meth:`choose_patches` gets the attention scores with their graph (a policy's log-probability needs
+    #: it; choosing indices does not)
+    differentiable_scores: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.text not in LATENT_TEXT_CONDITIONS:
@@ -71,8 +75,10 @@ class LatentIntervention:
     def _generator(self, sample: int, step: int) -> torch.Generator:
         return torch.Generator().manual_seed(int(self.seeds[sample]) * 1009 + step)
 
-    def latent_row(self, sample: int, step: int, hidden: torch.Tensor, token_embedding: torch.Tensor) -> torch.Tensor:
-        """The row fed into latent slot ``step`` (1-based) of ``sample``; ``hidden`` is the trained fill."""
+    def latent_row(self, sample: int, step: int, hidden: torch.Tensor, token_embedding: torch.Tensor,
+                   state: torch.Tensor | None = None) -> torch.Tensor:
+        """The row fed into latent slot ``step`` (1-based) of ``sample``; ``hidden`` is the trained fill (``state``,
+        the fed-back state with its graph, is for policies: :mod:`ivtlr.method.policy`)."""
         if self.text == "trained":
             return hidden
         if self.text == "zeros":

@@ -130,7 +130,8 @@ class SegmentBuilder:
         region_loss = region_loss_term(scores, ~taken, region) if region is not None else None
         k = self.num_selected_patches if intervention.num_selected_patches is None \
             else intervention.num_selected_patches
-        chosen = intervention.choose_patches(sample, step, scores.detach(), taken, k, self.patch_order)
+        ranked = scores if intervention.differentiable_scores else scores.detach()
+        chosen = intervention.choose_patches(sample, step, ranked, taken, k, self.patch_order)
         taken[chosen] = True
         selected.append(chosen)
         latent_slot = lay.prompt_len + step - 1
@@ -139,7 +140,7 @@ class SegmentBuilder:
             fill = lay.embeds[latent_slot]
         elif self.latent_grad == "detach":
             fill = fill.detach()
-        fill = intervention.latent_row(sample, step, fill, lay.embeds[latent_slot])
+        fill = intervention.latent_row(sample, step, fill, lay.embeds[latent_slot], state=fed_state)
         if lay.features is not None and intervention.vision == "donor":
             raise ValueError("a donor image's rows would lack their own per-row visual features: the donor-image "
                              "condition is not available for this family")

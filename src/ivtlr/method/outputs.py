@@ -39,3 +39,6 @@ class GenerationOutput:
     #: (B, 2) with ``measure_attention``: mean attention mass (over layers, heads and answer tokens) the answer
     #: tokens pay to the latent rows and to the inserted patch rows.
     answer_attention: torch.Tensor | None = None
+    #: (B, T) with ``return_log_probs``: each generated token's log-probability under the distribution it was
+    #: drawn from (0 after a sample's end)
+    token_log_probs: torch.Tensor | None = None

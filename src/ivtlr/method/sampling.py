@@ -29,3 +29,9 @@ class TokenPicker:
             return logits.argmax(-1)
         probs = self.warpers(None, logits).softmax(-1)
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+
+    def log_prob(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(B,) log-probability of ``tokens`` under the distribution :meth:`__call__` draws from (greedy picking:
+        the plain softmax)."""
+        warped = self.warpers(None, logits) if self.do_sample else logits
+        return warped.float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

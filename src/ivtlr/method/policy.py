@@ -1,0 +1,216 @@
+"""A stochastic latent policy, for reinforcement learning on latent chains.
+
+IVT-LR makes two choices at every latent step, both deterministic in the paper: the state fed back (latent text)
+and the K patches inserted (latent vision). Here both become draws with a log-probability:
+
+- latent text: ``z = h + s * eps``, ``eps ~ N(0, I)``, ``s = sigma * rms(h)`` (``rms`` of the state, taken as a
+  constant), ``log pi(z) = sum_d log N(z_d; h_d, s)`` — differentiable through ``h``, the pass that produced it;
+- latent vision: K patches drawn one after another without replacement from ``softmax(scores / tau)`` over the
+  selectable image rows (Gumbel-top-k), ``log pi`` the Plackett-Luce log-probability of the drawn order,
+  differentiable through the attention scores.
+
+:class:`LatentPolicy` plugs into the chain where :class:`~ivtlr.method.interventions.LatentIntervention` does. In a
+rollout it draws (each sample from its own seed, so a sample's draws never depend on its batch) and records what it
+drew; :meth:`LatentPolicy.replay` gives a policy that feeds the recorded draws back and recomputes their
+log-probabilities under the current weights (teacher forcing, for the ratio of a policy-gradient loss). ``sigma = 0``
+and ``tau = 0`` are the deterministic chain, exactly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ivtlr.method.selection import select_patches
+
+
+def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
+    """``log N(z; mean, std^2 I)`` summed over the last dimension, in float64 (a sum over the hidden size: float32
+    rounding alone would move a ratio of two such log-probabilities by 1e-5)."""
+    std = torch.as_tensor(std, dtype=torch.float64, device=mean.device)
+    standardized = (z.double() - mean.double()) / std
+    return (-0.5 * standardized.pow(2) - torch.log(std) - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def plackett_luce_log_prob(scores: torch.Tensor, order: torch.Tensor, available: torch.Tensor,
+                           temperature: float) -> torch.Tensor:
+    """Log-probability of drawing the indices ``order``, in that order, one at a time without replacement, each
+    draw ``softmax(scores / temperature)`` over the ``available`` items not drawn yet."""
+    logits = scores.double() / temperature
+    remaining = available.clone()
+    total = logits.new_zeros(())
+    for index in order.tolist():
+        total = total + logits[index] - torch.logsumexp(logits.masked_fill(~remaining, float("-inf")), dim=0)
+        remaining[index] = False
+    return total
+
+
+def gumbel_top_k(scores: torch.Tensor, available: torch.Tensor, k: int, temperature: float,
+                 generator: torch.Generator) -> torch.Tensor:
+    """``k`` available indices drawn as :func:`plackett_luce_log_prob` describes, in draw order: the top-k of
+    ``scores / temperature`` plus Gumbel noise (one exact draw of the sequential process)."""
+    k = min(k, int(available.sum()))
+    uniform = torch.rand(scores.shape, generator=generator, dtype=torch.float32).clamp_(1e-20, 1.0)
+    perturbed = scores.detach().float().cpu() / temperature - torch.log(-torch.log(uniform))
+    perturbed = perturbed.masked_fill(~available.cpu(), float("-inf"))
+    return torch.topk(perturbed, k).indices.to(scores.device)
+
+
+@dataclass
+class LatentDraws:
+    """What a rollout drew, per sample and latent step: the fed rows and the patch indices in draw order."""
+
+    rows: list[list[torch.Tensor]]
+    orders: list[list[torch.Tensor]]
+
+
+@dataclass
+class LatentPolicy:
+    """The chain's latent choices as draws (see the module docstring). One per batch: ``seeds`` has a seed per sample.
+
+    After the chain ran, :attr:`latent_log_probs` and :attr:`patch_log_probs` hold, per sample, one log-probability
+    per latent step (empty where the choice is deterministic) and :attr:`draws` what was drawn.
+    """
+
+    sigma: float = 0.0
+    tau: float = 0.0
+    seeds: list[int] | None = None
+    recorded: LatentDraws | None = None  # set: replay these draws instead of drawing
+    latent_log_probs: list[list[torch.Tensor]] = field(default_factory=list)
+    patch_log_probs: list[list[torch.Tensor]] = field(default_factory=list)
+    draws: LatentDraws = field(default_factory=lambda: LatentDraws([], []))
+    _generators: dict[tuple[int, str], torch.Generator] = field(default_factory=dict)
+
+    # The intervention protocol the chain calls (:mod:`ivtlr.method.interventions`).
+    text = "trained"
+    vision = "trained"
+    num_selected_patches = None
+    is_identity = False
+    differentiable_scores = True  # the chain hands :meth:`choose_patches` the scores with their graph
+
+    def __post_init__(self) -> None:
+        if self.sigma < 0 or self.tau < 0:
+            raise ValueError(f"sigma and tau must be >= 0, got {self.sigma} and {self.tau}")
+
+    def replay(self) -> LatentPolicy:
+        """A policy that feeds back this rollout's draws and recomputes their log-probabilities."""
+        return LatentPolicy(self.sigma, self.tau, self.seeds, recorded=self.draws)
+
+    def check_batch(self, batch_size: int) -> None:
+        if self.recorded is None and (self.sigma > 0 or self.tau > 0) and \
+                (self.seeds is None or len(self.seeds) != batch_size):
+            raise ValueError(f"a stochastic latent policy needs one seed per sample ({batch_size}), got "
+                             f"{'none' if self.seeds is None else len(self.seeds)}")
+        if self.recorded is not None and len(self.recorded.rows) != batch_size:
+            raise ValueError(f"the recorded draws cover {len(self.recorded.rows)} samples, the batch has {batch_size}")
+        for per_sample in (self.latent_log_probs, self.patch_log_probs, self.draws.rows, self.draws.orders):
+            per_sample[:] = [[] for _ in range(batch_size)]
+
+    def latent_row(self, sample: int, step: int, hidden: torch.Tensor, token_embedding: torch.Tensor,
+                   state: torch.Tensor | None = None) -> torch.Tensor:
+        """The row fed into latent slot ``step``: the state itself (``sigma = 0``), a draw around it, or the
+        recorded draw; ``state`` is the fed-back state with its graph (``hidden`` may be detached)."""
+        mean = state
+        if self.sigma == 0 or state is None:  # deterministic, or no latent text (the slot holds its token)
+            row = hidden
+        else:
+            std = self.sigma * mean.detach().float().pow(2).mean().sqrt().clamp_min(1e-12)
+            if self.recorded is not None:
+                row = self.recorded.rows[sample][step - 1].to(hidden.device, hidden.dtype)
+            else:
+                noise = torch.randn(hidden.shape, generator=self._generator(sample, "text"), dtype=torch.float32)
+                row = (hidden.detach().float() + std * noise.to(hidden.device)).to(hidden.dtype)
+            self.latent_log_probs[sample].append(gaussian_log_prob(row, mean, std))
+        self.draws.rows[sample].append(row.detach())
+        return row
+
+    def choose_patches(self, sample: int, step: int, scores: torch.Tensor, taken: torch.Tensor, k: int,
+                       order: str) -> torch.Tensor:
+        """The patches step ``step`` inserts, in the chain's insertion ``order``: the top-k (``tau = 0``), a
+        Gumbel-top-k draw, or the recorded draw."""
+        if self.tau == 0:
+            chosen = select_patches(scores.detach(), taken, k, order)
+            self.draws.orders[sample].append(chosen)
+            return chosen
+        if self.recorded is not None:
+            drawn = self.recorded.orders[sample][step - 1].to(scores.device)
+        else:
+            drawn = gumbel_top_k(scores, ~taken, k, self.tau, self._generator(sample, "vision"))
+        self.patch_log_probs[sample].append(plackett_luce_log_prob(scores, drawn, ~taken, self.tau))
+        self.draws.orders[sample].append(drawn)
+        return _insertion_order(drawn, scores.detach(), order)
+
+    def patch_rows(self, sample: int, chosen: torch.Tensor, own_image_embeds: torch.Tensor) -> torch.Tensor:
+        return own_image_embeds[chosen]
+
+    def _generator(self, sample: int, kind: str) -> torch.Generator:
+        """Each sample's own stream per choice kind, so a draw depends on neither the batch nor the other kind."""
+        key = (sample, kind)
+        if key not in self._generators:
+            offset = 0 if kind == "text" else 1
+            self._generators[key] = torch.Generator().manual_seed(int(self.seeds[sample]) * 2 + offset)
+        return self._generators[key]
+
+
+def _insertion_order(drawn: torch.Tensor, scores: torch.Tensor, order: str) -> torch.Tensor:
+    """The drawn patches in the chain's insertion order (``position``: image order; ``score``: by score; ``topk``:
+    as drawn)."""
+    if order == "position":
+        return torch.sort(drawn).values
+    if order == "score":
+        return drawn[torch.sort(scores.float()[drawn], descending=True, stable=True).indices]
+    return drawn
+
+
+@dataclass
+class PolicyLogProbs:
+    """Per sample, the log-probability of what a rollout chose, by kind: answer tokens, latent rows, patches."""
+
+    tokens: torch.Tensor  # (B,)
+    latents: torch.Tensor  # (B,)
+    patches: torch.Tensor  # (B,)
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.tokens + self.latents + self.patches
+
+
+def rollout_log_probs(policy: LatentPolicy, token_log_probs: torch.Tensor) -> PolicyLogProbs:
+    """The log-probabilities a rollout recorded: ``policy`` after ``generate(..., intervention=policy,
+    return_log_probs=True)``, and that generation's ``token_log_probs``."""
+    return PolicyLogProbs(token_log_probs.double().sum(-1), _per_sample(policy.latent_log_probs, token_log_probs),
+                          _per_sample(policy.patch_log_probs, token_log_probs))
+
+
+def replay_log_probs(engine, batch: dict[str, torch.Tensor], sequences: torch.Tensor, lengths: torch.Tensor,
+                     policy: LatentPolicy, *, temperature: float = 1.0) -> PolicyLogProbs:
+    """Teacher forcing: ``batch`` (the rollout's prompts with their latent slots, left-padded) with each sample's
+    generated tokens appended, through the engine's forward pass with the rollout's latent draws fed back; the
+    log-probability of every choice under the current weights, with its graph (for the ratio of a policy-gradient
+    loss). Token log-probabilities are those of ``softmax(logits / temperature)``."""
+    replay = policy.replay()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    generated = torch.arange(sequences.shape[1], device=ids.device) < lengths[:, None].to(ids.device)
+    full_ids = torch.cat([ids, sequences.to(ids.device)], dim=1)
+    full_mask = torch.cat([mask, generated.long()], dim=1)
+    labels = torch.cat([torch.full_like(ids, -100), sequences.to(ids.device).masked_fill(~generated, -100)], dim=1)
+    vision = {}
+    for key, value in batch.items():
+        if key in ("input_ids", "attention_mask"):
+            continue
+        per_token = value.dim() >= 2 and tuple(value.shape[:2]) == tuple(ids.shape)
+        vision[key] = torch.cat([value, value.new_zeros(value.shape[0], sequences.shape[1], *value.shape[2:])],
+                                dim=1) if per_token else value
+    out = engine(full_ids, full_mask, labels, intervention=replay, **vision)
+    log_probs = (out.logits[:, :-1].double() / temperature).log_softmax(-1)
+    targets = out.labels[:, 1:]
+    chosen = log_probs.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    tokens = chosen.masked_fill(targets == -100, 0.0).sum(-1)
+    return PolicyLogProbs(tokens, _per_sample(replay.latent_log_probs, tokens), _per_sample(replay.patch_log_probs,
+                                                                                          tokens))
+
+
+def _per_sample(log_probs: list[list[torch.Tensor]], like: torch.Tensor) -> torch.Tensor:
+    """Each sample's sum of its steps' log-probabilities (0 where its choices were deterministic)."""
+    return torch.stack([torch.stack(steps).sum() if steps else like.new_zeros(()) for steps in log_probs])
