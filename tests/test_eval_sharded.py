@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from accelerate import PartialState
 from schema_files import write_m3cot_files
-from train_runs import REPO, subprocess_env, train_in_process, write_config
+from train_runs import REPO, one_thread, subprocess_env, train_in_process, write_config
 
 from ivtlr.checkpoint import latest_checkpoint
 from ivtlr.cli import main
@@ -36,12 +35,8 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     directory = tmp_path_factory.mktemp("sharded")
     files = write_m3cot_files(directory / "data", n_train=2, n_test=N_TEST)
     config = write_config(directory, files, num_epochs=2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         checkpoint = latest_checkpoint(train_in_process(config) / "checkpoints")
-    finally:
-        torch.set_num_threads(threads)
     return config, checkpoint
 
 
@@ -49,16 +44,16 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
 def one_process(trained, tmp_path_factory) -> tuple[list[dict], dict]:
     """The predictions and summary of a plain one-process ``ivtlr eval`` (in this process, on one thread, as each
     launched process runs)."""
-    config, checkpoint = trained
     out = tmp_path_factory.mktemp("one")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    eval_in_process(*trained, out)
+    return outputs(out)
+
+
+def eval_in_process(config: Path, checkpoint: Path, out: Path) -> None:
+    """A plain ``ivtlr eval`` in this process, on one thread as each launched process runs."""
+    with one_thread():
         assert main(["eval", str(config), *EVAL, "--checkpoint", str(checkpoint), "--out", str(out),
                      "--no-progress"]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return outputs(out)
 
 
 def outputs(out: Path) -> tuple[list[dict], dict]:
@@ -172,13 +167,7 @@ def test_one_process_finishes_what_two_left(trained, one_process, two_processes,
     config, checkpoint = trained
     out = copy_of(two_processes, tmp_path)
     interrupt(out, {0: [0, 1, 2], 1: [5]})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["eval", str(config), *EVAL, "--checkpoint", str(checkpoint), "--out", str(out),
-                     "--no-progress"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    eval_in_process(config, checkpoint, out)
     records, summary = outputs(out)
     assert_same_evaluation((records, summary), one_process)
     assert [record["seconds"] == KEPT for record in records] == [True, True, True, False, False, True]

@@ -42,7 +42,7 @@ from ivtlr.testing import FAMILIES, TinyBundle, build_tiny, make_test_image
 from schema_files import digit_image, write_m3cot_files
 from test_eval import decode, run_eval
 from test_infer import printed_lines, ring
-from train_runs import checkpoint_weights, metrics, train_in_process, write_config
+from train_runs import checkpoint_weights, metrics, one_thread, train_in_process, write_config
 
 QUESTION = "Which digit is written in the top left corner of this image?"
 CHOICES = ["one", "three", "seven", "nine"]
@@ -50,12 +50,9 @@ K, N_LATENT, N_TEST, MAX_NEW_TOKENS = 2, 3, 3, 5
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread than on two busy cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def single_thread_module():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 import subprocess
 import sys
 from pathlib import Path
@@ -112,10 +114,18 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
-@pytest.fixture
-def single_thread():
-    """Tiny models train several times faster on one thread than on two busy cores."""
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread, then back: tiny models run several times faster so than on two busy cores."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def single_thread():
+    with one_thread():
+        yield

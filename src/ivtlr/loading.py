@@ -61,6 +61,11 @@ class LoadedModel:
     def dtype(self) -> torch.dtype:
         return next(self.engine.parameters()).dtype
 
+    def place(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``batch`` (processor outputs) on the model's device, floating inputs (pixels) in its dtype."""
+        return {key: value.to(self.device, self.dtype) if value.is_floating_point() else value.to(self.device)
+                for key, value in batch.items()}
+
     def n_latent(self, requested: int | None, fallback: int = DEFAULT_N_LATENT) -> int:
         """Latent steps at inference: none for No-CoT / CoT; else ``requested``, else the final training stage."""
         if self.mode in NO_LATENT_MODES:

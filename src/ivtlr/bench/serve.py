@@ -17,14 +17,13 @@ Run ``ivtlr bench serve --help`` for the options.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import resource
 import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -40,6 +39,7 @@ from ivtlr.bench.common import Target, apply_cpu_settings, format_table, machine
 from ivtlr.data import load_examples
 from ivtlr.data.builtin import digit_data_files
 from ivtlr.data.example import Example
+from ivtlr.serving.launch import ServerProcess
 
 logger = logging.getLogger("bench_serve")
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         config_path = args.config or _write_default_config(Path(scratch))
         examples = _questions(args.questions)
         offline, answers, one_row = _offline_rows(config_path, args, examples, Path(scratch))
-        server = _Server(config_path, args, Path(scratch) / "server.log")
+        server = _start_server(config_path, args, Path(scratch) / "server.log")
         try:
             rows = [offline, one_row]
             for clients in args.levels:
@@ -136,12 +136,8 @@ def _write_default_config(directory: Path) -> Path:
 def _questions(count: int) -> list[Example]:
     """The demo's test questions, cycled to ``count`` (each copy under its own id)."""
     test = list(load_examples("m3cot", "test", data_files=digit_data_files()))
-    return [Example(f"{test[i % len(test)].id}#{i // len(test)}", *_fields(test[i % len(test)]))
+    return [dataclasses.replace(test[i % len(test)], id=f"{test[i % len(test)].id}#{i // len(test)}")
             for i in range(count)]
-
-
-def _fields(example: Example) -> tuple:
-    return example.image, example.question, example.choices, example.answer, example.rationale
 
 
 def _offline_rows(config_path: Path, args: argparse.Namespace, examples: list[Example], scratch: Path
@@ -173,59 +169,31 @@ def _offline_rows(config_path: Path, args: argparse.Namespace, examples: list[Ex
             Row("one_at_a_time", None, len(alone), len(alone) / alone_s, unequal=unequal, peak_mb=peak))
 
 
-class _Server:
-    """``ivtlr serve`` in a subprocess on a free loopback port."""
+def _start_server(config: Path, args: argparse.Namespace, log: Path) -> ServerProcess:
+    serve_args = [str(config), "--model-name", MODEL_NAME, "--max-batch", str(args.max_batch), "--max-queue",
+                  str(args.max_queue), "--device", args.device]
+    if args.checkpoint:
+        serve_args += ["--checkpoint", str(args.checkpoint)]
+    return ServerProcess(serve_args, log, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
 
-    def __init__(self, config: Path, args: argparse.Namespace, log: Path):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "ivtlr", "serve", str(config), "--port", str(self.port), "--model-name",
-                   MODEL_NAME, "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue),
-                   "--device", args.device]
-        if args.checkpoint:
-            command += ["--checkpoint", str(args.checkpoint)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        self.log = log
-        self.process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"ivtlr serve exited: {log.read_text()[-2000:]}")
-            try:
-                if self.health():
-                    return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError("ivtlr serve did not start in 180 s")
 
-    def health(self) -> dict:
-        with urllib.request.urlopen(self.url + "/health", timeout=10) as response:
-            return json.loads(response.read())
+def _metric(server: ServerProcess, name: str) -> float:
+    """A plain (unlabelled) sample of the server's ``/metrics``; 0 before it has one."""
+    for line in server.get("/metrics")[1].splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
 
-    def metric(self, name: str) -> float:
-        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as response:
-            for line in response.read().decode().splitlines():
-                if line.startswith(name + " "):
-                    return float(line.split()[1])
-        return 0.0
 
-    def rss_mb(self, field: str = "VmRSS") -> float | None:
-        try:
-            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            return None
+def _rss_mb(server: ServerProcess, field: str = "VmRSS") -> float | None:
+    """The server process's resident memory (``VmHWM``: its peak), from Linux's /proc; None elsewhere."""
+    try:
+        for line in Path(f"/proc/{server.process.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
         return None
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+    return None
 
 
 def _payload(example: Example, **extra) -> dict:
@@ -252,25 +220,26 @@ def _post(url: str, body: bytes, example_id: str) -> Outcome:
         return Outcome(example_id, 0, time.perf_counter() - start, error=str(error))
 
 
-def _serve_row(server: _Server, examples: list[Example], clients: int, answers: dict[str, str]) -> Row:
+def _serve_row(server: ServerProcess, examples: list[Example], clients: int, answers: dict[str, str]) -> Row:
     bodies = [(example.id, json.dumps(_payload(example)).encode()) for example in examples]
-    passes, occupied = server.metric("ivtlr_batch_occupancy_count"), server.metric("ivtlr_batch_occupancy_sum")
+    passes, occupied = _metric(server, "ivtlr_batch_occupancy_count"), _metric(server, "ivtlr_batch_occupancy_sum")
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         outcomes = list(pool.map(lambda item: _post(server.url, item[1], item[0]), bodies))
     seconds = time.perf_counter() - start
-    passes = server.metric("ivtlr_batch_occupancy_count") - passes
-    occupied = server.metric("ivtlr_batch_occupancy_sum") - occupied
+    passes = _metric(server, "ivtlr_batch_occupancy_count") - passes
+    occupied = _metric(server, "ivtlr_batch_occupancy_sum") - occupied
     latencies = sorted(outcome.seconds for outcome in outcomes if outcome.status == 200)
     cuts = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
     failed = sum(outcome.status != 200 for outcome in outcomes)
     unequal = sum(outcome.status == 200 and outcome.text != answers[outcome.id] for outcome in outcomes)
     return Row(f"serve_c{clients}", clients, len(examples), len(examples) / seconds, cuts[49], cuts[94], cuts[98],
-               occupied / passes if passes else None, failed, unequal, server.rss_mb("VmHWM"))
+               occupied / passes if passes else None, failed, unequal, _rss_mb(server, "VmHWM"))
 
 
-def _fault_run(server: _Server, examples: list[Example], answers: dict[str, str], args: argparse.Namespace) -> dict:
-    before_mb = server.rss_mb()
+def _fault_run(server: ServerProcess, examples: list[Example], answers: dict[str, str],
+               args: argparse.Namespace) -> dict:
+    before_mb = _rss_mb(server)
     # 1. clients that leave mid-stream
     body = json.dumps(_payload(examples[0], stream=True, max_tokens=64)).encode()
     left = 0
@@ -304,7 +273,7 @@ def _fault_run(server: _Server, examples: list[Example], answers: dict[str, str]
         time.sleep(0.1)
     health = server.health()
     after = _post(server.url, json.dumps(_payload(examples[1])).encode(), examples[1].id)
-    after_mb = server.rss_mb()
+    after_mb = _rss_mb(server)
     return {"disconnected_clients": left, "burst": burst, "burst_statuses": burst_statuses,
             "burst_429": sum(o.status == 429 for o in outcomes), "burst_unequal": burst_wrong,
             "bad_requests_4xx": bad_answered_4xx, "good_interleaved_right": good_right,

@@ -47,6 +47,18 @@ def check_model_arguments(args: argparse.Namespace) -> None:
             raise ModelArgumentError("--original needs --base (the base model the checkpoint was trained from)")
 
 
+def at_least(minimum: int):
+    """An argparse type: an integer of at least ``minimum`` (a negative token budget would silently mean none)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     """``--device``, declared once for the commands that run a model; ``loading.resolve_device`` reads it."""
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

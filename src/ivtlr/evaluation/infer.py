@@ -20,7 +20,8 @@ from PIL import Image, UnidentifiedImageError
 
 from ivtlr.config import AnswerRule
 from ivtlr.errors import UserError
-from ivtlr.evaluation.arguments import add_device_argument, add_model_arguments, check_model_arguments
+from ivtlr.evaluation.arguments import (add_device_argument, add_model_arguments, at_least,
+                                        check_model_arguments)
 from ivtlr.evaluation.explain import save_selection_png
 from ivtlr.modes import MODES
 from ivtlr.evaluation.answers import EXTRACTION_RULES, extract_answer
@@ -74,28 +75,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", type=Path, required=True)
     parser.add_argument("--question", required=True)
     parser.add_argument("--choices", nargs="+", required=True, help="the options, in order (A, B, ...)")
-    parser.add_argument("--n-latent", type=_count(0), default=None,
+    parser.add_argument("--n-latent", type=at_least(0), default=None,
                         help="latent steps (default: the checkpoint's final stage; 3 for --original)")
-    parser.add_argument("--max-new-tokens", type=_count(1), default=64)
-    parser.add_argument("--image-size", type=_count(1), default=None,
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=64)
+    parser.add_argument("--image-size", type=at_least(1), default=None,
                         help="resize the image to this square first (default: the checkpoint's training size)")
     parser.add_argument("--answer-rule", choices=EXTRACTION_RULES, default="original")
     parser.add_argument("--explain", type=Path, metavar="OUT.png", help="draw each latent step's patches")
     parser.add_argument("--read-latents", action="store_true",
                         help="decode each latent step's state to text (printed, and under each step of --explain)")
     add_device_argument(parser)
-
-
-def _count(minimum: int):
-    """An argparse type: an integer of at least ``minimum`` (a negative token budget would silently mean none)."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    parse.__name__ = "integer"
-    return parse
 
 
 class InferInputError(UserError, ValueError):

@@ -68,12 +68,7 @@ def model_inputs(model: LoadedModel, examples: Sequence[Example], n_latent: int,
     """The generation batch of ``examples`` (prompt as in training, then ``n_latent`` slots) on the model's device."""
     batch = build_generation_batch(model.processor, examples, n_latent, model.engine.latent_token_id,
                                    image_size=image_size)
-    return {key: _to(value, model) for key, value in batch.items()}
-
-
-def _to(value: torch.Tensor, model: LoadedModel) -> torch.Tensor:
-    """Onto the model's device; floating inputs (pixels) in its dtype."""
-    return value.to(model.device, model.dtype) if value.is_floating_point() else value.to(model.device)
+    return model.place(batch)
 
 
 def prediction_record(example: Example, answer: Answer, seconds: float, rule: ExtractionRule) -> PredictionRecord:

@@ -132,8 +132,7 @@ class ChainRunner:
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         self.states = [self.states[b] for b in keep]
         self.key_mask = self.key_mask[index]
-        for layer in self._cache_layers():
-            layer.keys, layer.values = layer.keys[index], layer.values[index]
+        self.cache.batch_select_indices(index)
 
     def compact(self, rows: torch.Tensor | None = None) -> torch.Tensor | None:
         """Move each sample's real cache columns to the left, in order, and drop the columns no sample needs, so the
@@ -184,10 +183,7 @@ class ChainRunner:
 
 def _widen(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     """``tensor`` zero-padded on the right of ``dim`` to ``width``."""
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    return torch.cat([tensor, tensor.new_zeros(*tensor.shape[:dim], missing, *tensor.shape[dim + 1:])], dim=dim)
+    return torch.nn.functional.pad(tensor, (0, 0) * (tensor.dim() - dim - 1) + (0, width - tensor.shape[dim]))
 
 
 @dataclass

@@ -136,10 +136,9 @@ def _job_for(request: ChatRequest, model: LoadedModel, limits: ServeLimits) -> J
     if prompt_tokens > limits.max_prompt_tokens:
         raise bad_request(f"the prompt is {prompt_tokens} tokens (image and latent slots included), more than this "
                           f"server's limit of {limits.max_prompt_tokens}", "messages", "context_length_exceeded")
-    inputs = {key: value.to(model.device, model.dtype) if value.is_floating_point() else value.to(model.device)
-              for key, value in batch.items()}
     k = options.num_selected_patches if options else None
-    return Job(inputs=inputs, max_new_tokens=max_new_tokens(request, limits.default_max_tokens, limits.max_tokens),
+    return Job(inputs=model.place(batch),
+               max_new_tokens=max_new_tokens(request, limits.default_max_tokens, limits.max_tokens),
                temperature=request.temperature, top_p=request.top_p, seed=request.seed,
                intervention=LatentIntervention(num_selected_patches=k) if k is not None else None)
 
@@ -185,9 +184,13 @@ def _completion(answer: Answer, job: Job, model_name: str, completion_id: str) -
                      "finish_reason": answer.finish_reason}],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(answer.tokens),
                   "total_tokens": prompt_tokens + len(answer.tokens)},
-        "ivtlr": {"latent_steps": [{"patches": patches} for patches in answer.patches],
-                  "ar_steps": len(answer.tokens)},
+        "ivtlr": _extension(answer.patches, answer.tokens),
     }
+
+
+def _extension(patches: list[list[int]], tokens: list[int]) -> dict[str, Any]:
+    """The response's ``ivtlr`` field: what each latent step inserted, and how many tokens were generated."""
+    return {"latent_steps": [{"patches": step} for step in patches], "ar_steps": len(tokens)}
 
 
 async def _stream(http: Request, job: Job, worker: BatchWorker, model: LoadedModel, model_name: str,
@@ -220,8 +223,7 @@ async def _stream(http: Request, job: Job, worker: BatchWorker, model: LoadedMod
                 text = model.tokenizer.decode(tokens, skip_special_tokens=True)
                 if len(text) > len(sent):
                     yield chunk({"content": text[len(sent):]})
-                yield chunk({}, event.value, {"ivtlr": {"latent_steps": [{"patches": p} for p in patches],
-                                                        "ar_steps": len(tokens)}})
+                yield chunk({}, event.value, {"ivtlr": _extension(patches, tokens)})
                 yield "data: [DONE]\n\n"
                 metrics.requests.labels(status="200").inc()
                 return

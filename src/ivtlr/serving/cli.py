@@ -12,18 +12,11 @@ from pathlib import Path
 from ivtlr.backbones import check_tiny_family
 from ivtlr.config import load_config
 from ivtlr.errors import UserError
-from ivtlr.evaluation.arguments import add_device_argument, add_model_arguments, check_model_arguments
+from ivtlr.evaluation.arguments import add_device_argument, add_model_arguments, at_least, check_model_arguments
 from ivtlr.serving.limits import ServeLimits
 
 logger = logging.getLogger(__name__)
 DEFAULTS = ServeLimits()
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,15 +28,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free port)")
     parser.add_argument("--model-name", default=None,
                         help="the name clients send as `model` (default: the config's name)")
-    parser.add_argument("--max-batch", type=_positive, default=DEFAULTS.max_active,
+    parser.add_argument("--max-batch", type=at_least(1), default=DEFAULTS.max_active,
                         help=f"requests advanced together (default: {DEFAULTS.max_active})")
-    parser.add_argument("--max-queue", type=_positive, default=DEFAULTS.max_queue,
+    parser.add_argument("--max-queue", type=at_least(1), default=DEFAULTS.max_queue,
                         help=f"requests waiting beyond the batch before 429 (default: {DEFAULTS.max_queue})")
-    parser.add_argument("--max-tokens", type=_positive, default=DEFAULTS.max_tokens,
+    parser.add_argument("--max-tokens", type=at_least(1), default=DEFAULTS.max_tokens,
                         help=f"largest max_tokens a request may ask (default: {DEFAULTS.max_tokens})")
-    parser.add_argument("--max-prompt-tokens", type=_positive, default=DEFAULTS.max_prompt_tokens,
+    parser.add_argument("--max-prompt-tokens", type=at_least(1), default=DEFAULTS.max_prompt_tokens,
                         help=f"largest encoded prompt (default: {DEFAULTS.max_prompt_tokens})")
-    parser.add_argument("--max-image-pixels", type=_positive, default=DEFAULTS.max_image_pixels,
+    parser.add_argument("--max-image-pixels", type=at_least(1), default=DEFAULTS.max_image_pixels,
                         help=f"largest decoded image, width x height (default: {DEFAULTS.max_image_pixels})")
     parser.add_argument("--max-body-mb", type=float, default=DEFAULTS.max_body_bytes / 2**20,
                         help=f"largest request body in MiB (default: {DEFAULTS.max_body_bytes / 2**20:g})")
