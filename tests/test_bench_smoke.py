@@ -97,3 +97,21 @@ def test_the_floors_run_the_chains_final_sequence_in_its_passes(latents):
         own = bundle.model(**batches.plain).loss
     assert sum(batches.widths) == batches.plain["input_ids"].shape[1] == final_length
     torch.testing.assert_close(floor, own, atol=1e-5, rtol=1e-5)
+
+
+def test_rl_benchmark_times_an_rl_step_against_a_training_step_at_the_same_batch(run_quick_benchmark):
+    """``ivtlr bench rl --quick``: an ordinary training run and an RL run from its checkpoint, each step timed from the
+    runs' own metrics, the ratio taken from the same run's figures."""
+    from ivtlr.bench import rl
+
+    written = run_quick_benchmark(rl)
+
+    training, grpo = written["results"]["training"], written["results"]["rl"]
+    assert len(training["steps_s"]) == rl.QUICK.training_steps and len(grpo["steps_s"]) == rl.QUICK.steps
+    for value in (training["step_s"], grpo["step_s"], grpo["rollout_s"], grpo["update_s"],
+                  grpo["rollout_answers_per_s"], grpo["rollout_questions_per_s"]):
+        assert value > 0
+    assert grpo["rollout_questions_per_s"] == pytest.approx(grpo["rollout_answers_per_s"] / rl.QUICK.group)
+    assert written["results"]["rl_step_over_training_step"] == pytest.approx(grpo["step_s"] / training["step_s"])
+    assert written["config"]["batch"] == rl.QUICK.questions * rl.QUICK.group == training["samples_per_step"]
+    assert written["machine"]["cpu"] and written["machine"]["torch_threads"] == 1

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--quick", "--full", "--out", str(out)]) == 0
+    assert main(["demo", "--quick", "--full", "--rl", "--out", str(out)]) == 0
     return out, json.loads((out / "report.json").read_text())
 
 
@@ -33,7 +33,7 @@ def predictions(out, variant: str, split: str) -> list[dict]:
 
 def test_report_has_every_variant_with_its_numbers(quick_report):
     out, report = quick_report
-    assert list(report["variants"]) == list(demo_report.VARIANTS)  # --full: every variant
+    assert list(report["variants"]) == list(demo_report.VARIANTS)  # --full --rl: every variant
     assert set(demo_report.DEFAULT_VARIANTS) == {"nocot", "cot", "ivtlr", "ivtlr_supervised"}
     assert report["quick"] is True and report["recipe"] == json.loads(json.dumps(asdict(demo.QUICK)))
     for variant, row in report["variants"].items():
@@ -51,7 +51,7 @@ def test_report_has_every_variant_with_its_numbers(quick_report):
         assert row["accuracy_ci95"] == pytest.approx(list(demo_report.wilson_interval(correct, len(test))))
         assert row["accuracy_ci95"][0] <= row["accuracy"] <= row["accuracy_ci95"][1]
     assert set(report["targets"]) == set(demo_report.target_checks(report["variants"], report["probes"]))
-    assert len(report["targets"]) == 9
+    assert len(report["targets"]) == 11  # the supervised method's 9, RL's 2
     assert report["workers"] == 2 and report["cpu"]
 
 
@@ -105,7 +105,7 @@ def test_runs_continue_from_the_shared_pretraining_and_stage0_checkpoints(quick_
     assert f"/runs/{demo.PRETRAIN_RUN}/checkpoints/" in stage0["load_model_path"]
     supervision = {"ivtlr_supervised": (1.0, 0.5), "latent_text_only_supervised": (1.0, 0.0),
                    "latent_vision_only_supervised": (0.0, 0.5)}
-    for variant in [v for v in report["variants"] if v != "nocot"]:
+    for variant in [v for v in report["variants"] if v not in ("nocot", "ivtlr_rl")]:
         config = yaml.safe_load((out / "runs" / variant / "config.yaml").read_text())
         assert f"/runs/{demo.STAGE0_RUN}/checkpoints/" in config["load_model_path"]
         assert config["resume"] == demo.QUICK.epochs_per_stage and config["mode"] == demo_report.VARIANT_MODES[variant]
@@ -115,6 +115,19 @@ def test_runs_continue_from_the_shared_pretraining_and_stage0_checkpoints(quick_
     nocot = run_config(out, "nocot")
     assert f"/runs/{demo.PRETRAIN_RUN}/checkpoints/" in nocot["load_model_path"]
     assert nocot["num_epochs"] == demo.QUICK.total_epochs and nocot["resume"] == 0
+
+
+def test_rl_continues_from_the_supervised_checkpoint_and_draws_its_course(quick_report):
+    out, report = quick_report
+    config = run_config(out, "ivtlr_rl")
+    assert config["load_model_path"] == report["checkpoints"]["ivtlr_supervised"]
+    assert config["rl"]["steps"] == demo.QUICK.rl_steps and config["lr"] == demo.QUICK.rl_lr
+    metrics = [json.loads(line) for line in (out / "runs" / "ivtlr_rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["rollout_step"] for m in metrics] == list(range(1, demo.QUICK.rl_steps + 1))
+    assert all(0 <= m["accuracy"] <= 1 and m["latent_sigma"] > 0 for m in metrics)
+    with Image.open(out / report["files"]["rl_curve"]) as curve:
+        assert curve.format == "PNG"
+    assert "rl_above_the_supervised_checkpoint" in report["targets"]
 
 
 def test_report_gives_the_reading_accuracy_of_the_pretrained_model(quick_report):
@@ -242,4 +255,4 @@ def test_report_probes_the_method_under_both_objectives(quick_report):
         assert {"probe.json", "probe.md", "probe.png"} <= {p.name for p in (out / "probe" / variant).iterdir()}
         assert f"### {demo_report.VARIANT_LABELS[variant]}" in section
         assert f"](probe/{variant}/probe.png)" in section
-    assert "| as trained (n=3, K=4) |" in section and section.count("decodes to its written step") == 2
+    assert "| as trained (n=3, K=4) |" in section and section.count("decodes to its written step") == 3

@@ -130,6 +130,7 @@ def test_a_replayed_sample_has_the_log_probs_it_has_alone(bundle):
     for b, spec in enumerate(MIXED):  # each sample alone, its own draws replayed
         single = LatentPolicy(sigma=0.5, tau=0.5, seeds=[11 + b])
         single.draws.rows, single.draws.orders = [policy.draws.rows[b]], [policy.draws.orders[b]]
+        single.draws.stds = [policy.draws.stds[b]]
         alone = replay_log_probs(engine, prompt_batch(bundle, [spec]), out.sequences[b:b + 1],
                                  out.lengths[b:b + 1], single, temperature=1.3)
         torch.testing.assert_close(alone.total, replayed.total[b:b + 1], rtol=1e-6, atol=0)

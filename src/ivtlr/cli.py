@@ -1,4 +1,4 @@
-"""``ivtlr train | eval | probe | infer | serve | demo | bench``: one entry point; a command is imported when used."""
+"""``ivtlr train | rl | eval | probe | infer | serve | demo | bench``: one entry point, each imported when used."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,7 @@ from ivtlr.errors import UserError
 #: command -> (module, help). The module provides ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS = {
     "train": ("ivtlr.training.cli", "train a model with the progressive latent curriculum (Accelerate-ready)"),
+    "rl": ("ivtlr.rl.cli", "reinforcement learning after training: GRPO on the latent chain's own choices"),
     "eval": ("ivtlr.evaluation.cli", "generate and score answers on a test split"),
     "probe": ("ivtlr.evaluation.probe_cli", "do the latents matter? accuracy under counterfactual latent chains"),
     "infer": ("ivtlr.evaluation.infer", "answer one question about one image, optionally drawing the chosen patches"),
@@ -20,7 +21,7 @@ COMMANDS = {
     "demo": ("ivtlr.demo.cli", "train and score IVT-LR and its baselines on bundled digit images, on a CPU"),
 }
 #: ``ivtlr bench NAME`` runs ``ivtlr.bench.NAME.main(argv)``: prints a table, writes JSON.
-BENCHMARKS = ("engine", "inference", "scaling", "serve")
+BENCHMARKS = ("engine", "inference", "rl", "scaling", "serve")
 
 
 def _bench(argv: list[str]) -> int:

@@ -64,6 +64,37 @@ class EvalConfig:
 
 
 @dataclass
+class RLConfig:
+    """Reinforcement learning on latent chains (``ivtlr rl``): GRPO from a trained checkpoint (``load_model_path``),
+    with the latent rows, the patches and the answer tokens as draws of one stochastic policy
+    (``ivtlr.method.policy``). ``lr``, ``weight_decay``, ``max_grad_norm``, ``warmup_steps``, ``seed``,
+    ``save_every_steps`` and ``keep_last`` are the top-level keys."""
+
+    steps: int = 100  # rollout batches; each gives ``updates_per_rollout`` optimizer steps
+    questions_per_step: int = 8  # questions per rollout batch, per process
+    group_size: int = 8  # G rollouts per question: its advantages are normalised within the group
+    questions_per_pass: int | None = None  # questions per rollout/replay forward (x G samples); null = all at once
+    updates_per_rollout: int = 1  # optimizer steps on each rollout batch (the ratios leave 1 from the second on)
+    sigma: float = 0.1  # latent text: noise std relative to the state's RMS; 0 = the deterministic state
+    tau: float = 0.01  # latent vision: temperature of softmax(attention scores / tau); 0 = top-K
+    temperature: float = 1.0  # answer tokens are sampled at this temperature
+    max_new_tokens: int = 64
+    clip_text: float = 0.2  # clip ranges of the ratio, one per kind of choice
+    clip_latent: float = 0.2
+    clip_patch: float = 0.2
+    dual_clip: float | None = 3.0  # a negative advantage's objective is bounded by dual_clip * A; null = off
+    weight_text: float = 1.0  # weights of each kind's policy loss
+    weight_latent: float = 1.0
+    weight_patch: float = 1.0
+    kl: float = 0.0  # weight of the KL penalty to the starting model (k3 estimate over every choice); 0 = none
+    reward_correct: float = 1.0  # reward of a right answer
+    reward_format: float = 0.0  # added when the answer names an option at all, right or wrong
+    answer_rule: AnswerRule = "original"  # how the option letter is read from a rollout's text
+    scale_advantages: bool = True  # divide by the group's reward std (GRPO); false: only subtract its mean
+    n_latent: int | None = None  # latent steps per question; null = the starting checkpoint's
+
+
+@dataclass
 class Config:
     """Everything a training or evaluation run needs, with the original README's defaults."""
 
@@ -124,6 +155,7 @@ class Config:
     log_with: list[Logger] = field(default_factory=lambda: ["jsonl", "tensorboard"])
 
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -216,7 +248,14 @@ def _range_checks(config: Config) -> list[tuple[str, Any, str]]:
             ("keep_last", config.keep_last, ">= 1"), ("num_workers", config.num_workers, ">= 0"),
             ("dataset.limit", config.dataset.limit, ">= 1"), ("eval.batch_size", config.eval.batch_size, ">= 1"),
             ("eval.max_new_tokens", config.eval.max_new_tokens, ">= 1"),
-            ("eval.n_latent", config.eval.n_latent, ">= 0")]
+            ("eval.n_latent", config.eval.n_latent, ">= 0"),
+            *((f"rl.{key}", getattr(config.rl, key), ">= 1") for key in (
+                "steps", "questions_per_step", "questions_per_pass", "updates_per_rollout", "max_new_tokens")),
+            ("rl.group_size", config.rl.group_size, ">= 2"), ("rl.n_latent", config.rl.n_latent, ">= 0"),
+            ("rl.temperature", config.rl.temperature, "> 0"), ("rl.dual_clip", config.rl.dual_clip, "> 1"),
+            *((f"rl.{key}", getattr(config.rl, key), ">= 0") for key in (
+                "sigma", "tau", "clip_text", "clip_latent", "clip_patch", "weight_text", "weight_latent",
+                "weight_patch", "kl"))]
 
 
 def _within(value: float, rule: str) -> bool:

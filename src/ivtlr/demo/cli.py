@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full", action="store_true",
                         help="also train the ablations: latent text only and latent vision only, under the paper's "
                              "objective and with the supervision that applies to each (about twice the demo's time)")
+    parser.add_argument("--rl", action="store_true",
+                        help="also run GRPO (ivtlr rl) from the supervised IVT-LR checkpoint, and probe the result "
+                             "(adds about 5 minutes)")
     parser.add_argument("--workers", type=int, default=None,
                         help="runs trained in parallel processes (default: one per core, at most 2)")
 

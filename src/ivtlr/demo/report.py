@@ -19,12 +19,14 @@ from ivtlr.demo.scheduler import minutes
 #: Every variant the demo can train, in report order: the baselines, the paper's objective (IVT-LR and its two
 #: ablations) and the same three trained with the supervision that applies to each (``ivtlr.method.supervision``).
 VARIANTS = ("nocot", "cot", "latent_text_only", "latent_vision_only", "ivtlr", "latent_text_only_supervised",
-            "latent_vision_only_supervised", "ivtlr_supervised")
+            "latent_vision_only_supervised", "ivtlr_supervised", "ivtlr_rl")
 #: Trained with ``--full`` only, to keep the default demo short: the paper's two ablations (at chance on this task,
 #: README, three seeds) and the two supervised ablations (README, three seeds).
 FULL_ONLY_VARIANTS = ("latent_text_only", "latent_vision_only", "latent_text_only_supervised",
                       "latent_vision_only_supervised")
-DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v not in FULL_ONLY_VARIANTS)
+#: Trained with ``--rl`` only: GRPO from the supervised IVT-LR checkpoint (``ivtlr rl``).
+RL_VARIANTS = ("ivtlr_rl",)
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v not in FULL_ONLY_VARIANTS + RL_VARIANTS)
 VARIANT_LABELS = {
     "nocot": "No-CoT",
     "cot": "CoT",
@@ -34,12 +36,13 @@ VARIANT_LABELS = {
     "latent_text_only_supervised": "latent text only + step loss",
     "latent_vision_only_supervised": "latent vision only + region loss",
     "ivtlr_supervised": "IVT-LR + step and region losses",
+    "ivtlr_rl": "IVT-LR + losses, then GRPO",
 }
 #: The training mode of each variant (a supervised variant trains its mode with the supervision losses on).
-VARIANT_MODES = {variant: variant.removesuffix("_supervised") for variant in VARIANTS}
+VARIANT_MODES = {variant: variant.removesuffix("_supervised").removesuffix("_rl") for variant in VARIANTS}
 LATENT_VARIANTS = tuple(v for v in VARIANTS if VARIANT_MODES[v] not in ("cot", "nocot"))
-#: Variants the demo probes (``ivtlr probe``): the method under either objective.
-PROBED_VARIANTS = ("ivtlr", "ivtlr_supervised")
+#: Variants the demo probes (``ivtlr probe``): the method under either objective, and after RL.
+PROBED_VARIANTS = ("ivtlr", "ivtlr_supervised", "ivtlr_rl")
 #: Acceptance targets on the test split, for IVT-LR with supervision: at least 75 %, No-CoT + 35 points and CoT - 10
 #: points, at most a quarter of CoT's AR steps, at least 80 % of its inserted patches in the cell the step reads,
 #: and latents that matter (another question's latents change 60 % of answers, K random patches cost 10 points).
@@ -119,6 +122,7 @@ def target_checks(rows: Mapping[str, Mapping], probes: Mapping[str, Mapping] | N
     for ablation in ("latent_text_only_supervised", "latent_vision_only_supervised"):
         if ablation in rows:
             checks[f"supervised_ivtlr_above_{ablation}"] = ivtlr["accuracy"] > rows[ablation]["accuracy"]
+    checks.update(_rl_checks(rows, probes or {}))
     probe = (probes or {}).get("ivtlr_supervised")
     if probe is not None:
         donor = probe_row(probe, text="donor")
@@ -130,6 +134,21 @@ def target_checks(rows: Mapping[str, Mapping], probes: Mapping[str, Mapping] | N
         if random is not None:
             checks["supervised_ivtlr_random_patches_cost_10_points"] = \
                 trained["accuracy"] - random["accuracy"] >= TARGET_RANDOM_PATCH_COST
+    return checks
+
+
+def _rl_checks(rows: Mapping[str, Mapping], probes: Mapping[str, Mapping]) -> dict[str, bool]:
+    """With ``--rl``: RL beats the checkpoint it started from, and the latents still matter as much after it
+    (another question's latents change at least as many validation answers)."""
+    if "ivtlr_rl" not in rows:
+        return {}
+    checks = {"rl_above_the_supervised_checkpoint": rows["ivtlr_rl"]["accuracy"] > rows["ivtlr_supervised"]["accuracy"]}
+    before, after = probes.get("ivtlr_supervised"), probes.get("ivtlr_rl")
+    if before is not None and after is not None:
+        donor_before, donor_after = probe_row(before, text="donor"), probe_row(after, text="donor")
+        if donor_before is not None and donor_after is not None:
+            checks["rl_donor_latents_change_at_least_as_many_answers"] = \
+                donor_after["answers_changed"] >= donor_before["answers_changed"]
     return checks
 
 
@@ -181,7 +200,10 @@ def markdown_report(report: Mapping) -> str:
              f"and the latent variants, stage 0 ({recipe['stage0_epochs']} epochs, {report['stage0_seconds']:.0f} s).",
              "", "Targets (test split):", ""]
     lines += [f"- {name.replace('_', ' ')}: {'met' if met else 'NOT met'}" for name, met in report["targets"].items()]
-    lines += ["", f"![training curves]({report['files']['training_curve']})", "",
+    lines += ["", f"![training curves]({report['files']['training_curve']})", ""]
+    if report["files"].get("rl_curve"):
+        lines += [f"![RL curves]({report['files']['rl_curve']})", ""]
+    lines += [
               "Image cells each latent step of IVT-LR with supervision inserted, for a few test questions (the legend "
               "names the cell the written step reads and what the step's latent state decodes to):", ""]
     lines += [f"![{Path(p).stem}]({p})" for p in report["files"]["explain"]]
@@ -246,6 +268,29 @@ def running_mean(values: Sequence[float], window: int) -> list[float]:
         total += value - (values[index - window] if index >= window else 0.0)
         out.append(total / min(index + 1, window))
     return out
+
+
+def plot_rl_curve(records: Sequence[Mapping], path: Path) -> Path:
+    """GRPO's course: the rollouts' reward and accuracy per rollout batch (running mean over a tenth of the run), and
+    the KL to the starting model when it was penalised."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    window = max(1, len(records) // 10)
+    steps = [r["rollout_step"] for r in records]
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for key in ("reward", "accuracy"):
+        axes.plot(steps, running_mean([r[key] for r in records], window), label=f"rollout {key}", linewidth=1.2)
+    axes.set_xlabel("rollout batch")
+    axes.set_ylabel("mean over the batch's rollouts")
+    axes.legend(fontsize=8)
+    axes.set_title("IVT-LR demo: GRPO on the latent chain")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
 
 
 def plot_training_curves(curves: Mapping[str, tuple[list[float], list[float]]], stage_starts: Sequence[float],

@@ -38,14 +38,15 @@ from pathlib import Path
 import torch
 
 from ivtlr.demo import report as report_lib
-from ivtlr.config import Config, DatasetConfig, EvalConfig
+from ivtlr.config import Config, DatasetConfig, EvalConfig, RLConfig
 from ivtlr.data import load_examples
 from ivtlr.data.curriculum import format_prompt_text, split_rationale, target_text
 from ivtlr.data.example import option_letter
 from ivtlr.data.digits import (DIGIT_CHOICES, FOLLOW_POINTERS, MERGED_PATCH_PX, READ_CELL, DigitPuzzle,
                                compose_digit_puzzles, write_digit_reasoning, write_puzzles)
 from ivtlr.demo.pictures import explain_questions
-from ivtlr.demo.report import DEFAULT_VARIANTS, PROBED_VARIANTS, VARIANT_LABELS, VARIANT_MODES, VARIANTS
+from ivtlr.demo.report import (DEFAULT_VARIANTS, PROBED_VARIANTS, RL_VARIANTS, VARIANT_LABELS, VARIANT_MODES,
+                               VARIANTS)
 from ivtlr.demo.scheduler import JobScheduler
 from ivtlr.evaluation import GenerationSettings, evaluate, evaluation_summary
 from ivtlr.loading import load
@@ -99,6 +100,14 @@ class DemoRecipe:
     eval_batch_size: int
     max_new_tokens: int
     n_explained: int  # test questions drawn with the patches each latent step chose
+    # RL (``--rl``): GRPO from the supervised IVT-LR checkpoint (``ivtlr rl``; see ``RLConfig`` for each key).
+    rl_steps: int = 60
+    rl_questions_per_step: int = 16
+    rl_group_size: int = 8
+    rl_lr: float = 5e-5
+    rl_sigma: float = 0.1
+    rl_tau: float = 0.01
+    rl_temperature: float = 1.0
 
     @property
     def image_size(self) -> int:
@@ -125,7 +134,8 @@ FULL = DemoRecipe(n_train=2000, n_val=300, n_test=1000, grid=2, cell_px=56, hidd
 #: A smoke run of the whole pipeline (the test suite's): every variant, one epoch per stage, a handful of questions.
 QUICK = replace(FULL, n_train=16, n_val=8, n_test=8, hidden_size=32, intermediate_size=64, num_heads=2,
                 num_kv_heads=2, vocab_size=400, n_pretrain=16, pretrain_epochs=1, stage0_epochs=1, epochs_per_stage=1,
-                supervised_epochs_per_stage=1, batch_size=8, warmup_steps=0, eval_batch_size=8, n_explained=2)
+                supervised_epochs_per_stage=1, batch_size=8, warmup_steps=0, eval_batch_size=8, n_explained=2,
+                rl_steps=2, rl_questions_per_step=4, rl_group_size=2)
 
 
 # ---------------------------------------------------------------------------------------------------- building blocks
@@ -238,6 +248,7 @@ class DemoJob:
     max_new_tokens: int = 1
     probe_dir: Path | None = None  # where ``ivtlr probe`` of its checkpoint (validation split) goes, if probed
     seed: int = 0
+    rl: bool = False  # ``ivtlr rl`` (GRPO from the parent's checkpoint) instead of ``ivtlr train``
 
     @property
     def progress_log(self) -> Path:
@@ -261,7 +272,7 @@ class JobResult:
 #: latent steps add passes), as measured in the full recipe; and of answering one question, in the same unit.
 _STEP_COST = {"reading": 0.7, "cot": 1.0, "nocot": 0.75, "latent_text_only": 1.3, "latent_vision_only": 1.3,
               "ivtlr": 1.3, "latent_text_only_supervised": 1.4, "latent_vision_only_supervised": 1.4,
-              "ivtlr_supervised": 1.5}
+              "ivtlr_supervised": 1.5, "ivtlr_rl": 30.0}
 _QUESTION_COST = 0.03
 #: Probe answers (every condition of the validation split) cost less than evaluated questions: one prompt pass serves
 #: every condition at the trained number of latent steps.
@@ -330,18 +341,35 @@ def plan_jobs(recipe: DemoRecipe, model_dir: Path, data: DemoData, out: Path, se
                             resume=schedule.epochs_per_stage, **common, **supervision_keys(recipe, variant))
         jobs[variant] = job(variant, config, STAGE0_RUN, recipe.stage0_epochs, variant, VARIANT_LABELS[variant],
                             **reasoning_eval)
+    if "ivtlr_rl" in variants:
+        config = rl_config(recipe, jobs["ivtlr_supervised"].config)
+        evaluated = job("ivtlr_rl", config, "ivtlr_supervised", recipe.total_epochs, "ivtlr_rl",
+                        VARIANT_LABELS["ivtlr_rl"], steps_per_epoch=0, **reasoning_eval)
+        jobs["ivtlr_rl"] = replace(evaluated, steps=recipe.rl_steps, rl=True,
+                                   cost=evaluated.cost + recipe.rl_steps * _STEP_COST["ivtlr_rl"])
     return jobs
 
 
+def rl_config(recipe: DemoRecipe, supervised: Config) -> Config:
+    """``ivtlr rl`` from the supervised IVT-LR run, as a user would write it: that run's config with its own name,
+    the RL settings and lr, one checkpoint at the end (``load_model_path`` is set once the parent's exists)."""
+    settings = RLConfig(steps=recipe.rl_steps, questions_per_step=recipe.rl_questions_per_step,
+                        group_size=recipe.rl_group_size, sigma=recipe.rl_sigma, tau=recipe.rl_tau,
+                        temperature=recipe.rl_temperature, max_new_tokens=recipe.max_new_tokens)
+    return replace(supervised, name="ivtlr_rl", resume=0, lr=recipe.rl_lr, warmup_steps=0, save_every_steps=None,
+                   step_supervision=0.0, region_supervision=0.0, rl=settings)
+
+
 # ---------------------------------------------------------------------------------------------------- running
-def train_run(config: Config) -> Path:
-    """``ivtlr train`` in this process; returns the run's final checkpoint."""
+def train_run(config: Config, rl: bool = False) -> Path:
+    """``ivtlr train`` (``ivtlr rl`` with ``rl``) in this process; returns the run's final checkpoint."""
     from accelerate.state import AcceleratorState, GradientState
 
+    from ivtlr.rl import train_rl
     from ivtlr.training import train
 
     try:
-        result = train(config)
+        result = train_rl(config) if rl else train(config)
     finally:
         # Every run builds its own Accelerator: forget the process-wide state the previous one left.
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -410,7 +438,7 @@ def _train_and_evaluate(job: DemoJob, parent_checkpoint: str | None, threads: in
     torch.set_num_threads(threads)
     started = time.time()
     config = job.config if parent_checkpoint is None else replace(job.config, load_model_path=parent_checkpoint)
-    checkpoint = train_run(config)
+    checkpoint = train_run(config, rl=job.rl)
     trained = time.time()
     summaries = {}
     if job.eval_splits and job.eval_dir is not None:
@@ -437,7 +465,9 @@ def run(args: argparse.Namespace, workers: int, cores: int) -> int:
     for name in ("accelerate.checkpointing", "accelerate.accelerator"):  # a line per saved file otherwise
         logging.getLogger(name).setLevel(logging.WARNING)
     recipe = QUICK if args.quick else FULL
-    variants = VARIANTS if args.full else DEFAULT_VARIANTS
+    variants = tuple(v for v in VARIANTS if v not in RL_VARIANTS) if args.full else DEFAULT_VARIANTS
+    if args.rl:
+        variants += RL_VARIANTS
     report = run_demo(recipe, args.out, seed=args.seed, quick=args.quick, workers=workers, cores=cores,
                       variants=variants)
     print(report_lib.results_table(report))  # noqa: T201 - the command's result
@@ -466,12 +496,16 @@ def run_demo(recipe: DemoRecipe, out: Path, *, seed: int = 0, quick: bool = Fals
         rows[variant] = report_lib.variant_row(records, summaries["test"], summaries["validation"],
                                                results[variant].train_seconds, data.puzzles, recipe.token_grid)
     curves = {job.label: report_lib.read_loss_curve(job.config.run_dir / JSONL_FILE, job.first_epoch,
-                                                    job.config.resume) for job in jobs.values()}
+                                                    job.config.resume) for job in jobs.values() if not job.rl}
     stage_starts = [recipe.stage0_epochs + recipe.epochs_per_stage * s for s in range(recipe.max_latent_stage)]
     curve_path = report_lib.plot_training_curves(curves, stage_starts, out / "training_curve.png")
     explained = explain_questions(Path(results["ivtlr_supervised"].checkpoint), data.reasoning, data.puzzles,
                                   recipe.n_explained, out / "explain")
-    probes = {variant: results[variant].probe for variant in PROBED_VARIANTS}
+    probes = {variant: results[variant].probe for variant in PROBED_VARIANTS if variant in results}
+    rl_curve = None
+    if "ivtlr_rl" in jobs:
+        rl_curve = report_lib.plot_rl_curve(report_lib.read_records(jobs["ivtlr_rl"].progress_log),
+                                            out / "rl_curve.png").name
     phases = {"data and base model": setup_done - started}
     phases.update({jobs[name].label: result.finished - result.started for name, result in results.items()})
     phases["report"] = time.time() - training_done
@@ -485,7 +519,8 @@ def run_demo(recipe: DemoRecipe, out: Path, *, seed: int = 0, quick: bool = Fals
               "targets": report_lib.target_checks(rows, probes),
               "checkpoints": {name: result.checkpoint for name, result in results.items()},
               "probes": probes,
-              "files": {"training_curve": curve_path.name, "explain": [str(p.relative_to(out)) for p in explained],
+              "files": {"training_curve": curve_path.name, "rl_curve": rl_curve,
+                        "explain": [str(p.relative_to(out)) for p in explained],
                         "probes": {variant: f"probe/{variant}/probe.png" for variant in probes}}}
     write_text_atomically(out / "report.json", json.dumps(report, indent=2) + "\n")
     write_text_atomically(out / "report.md", report_lib.markdown_report(report))

@@ -157,7 +157,7 @@ class IVTLR(nn.Module):
                  pad_token_id: int | None = None, do_sample: bool = False, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None,
                  return_dict: bool = False, intervention: LatentIntervention | None = None,
-                 measure_attention: bool = False, return_log_probs: bool = False,
+                 measure_attention: bool = False, return_log_probs: bool = False, suppress_tokens: Sequence[int] = (),
                  **vision_inputs: torch.Tensor | None) -> torch.Tensor | GenerationOutput:
         """Decode after the latent chain, batched, continuing from the chain's own cache.
 
@@ -167,7 +167,8 @@ class IVTLR(nn.Module):
         Each sample stops at its first EOS (the first generated token included) or after ``max_new_tokens``.
         ``intervention`` replaces what the latent steps feed back or insert (:mod:`ivtlr.method.interventions`; off by
         default); ``measure_attention`` also reports the attention the answer tokens pay to the latent and patch rows;
-        ``return_log_probs`` each generated token's log-probability (``token_log_probs``).
+        ``return_log_probs`` each generated token's log-probability (``token_log_probs``); ``suppress_tokens`` are
+        never generated (RL rollouts keep the latent control tokens out of answers).
         Returns the new ids, (B, T), padded with ``pad_token_id``.
         """
         (out,) = self.generate_variants(input_ids, attention_mask, interventions=[intervention or NO_INTERVENTION],
@@ -175,7 +176,7 @@ class IVTLR(nn.Module):
                                         pad_token_id=pad_token_id, do_sample=do_sample, temperature=temperature,
                                         top_p=top_p, top_k=top_k, generator=generator,
                                         measure_attention=measure_attention, return_log_probs=return_log_probs,
-                                        **vision_inputs)
+                                        suppress_tokens=suppress_tokens, **vision_inputs)
         return out if return_dict else out.sequences
 
     @torch.no_grad()
@@ -184,8 +185,8 @@ class IVTLR(nn.Module):
                           eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
                           do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                           generator: torch.Generator | None = None, measure_attention: bool = False,
-                          return_log_probs: bool = False, **vision_inputs: torch.Tensor | None
-                          ) -> list[GenerationOutput]:
+                          return_log_probs: bool = False, suppress_tokens: Sequence[int] = (),
+                          **vision_inputs: torch.Tensor | None) -> list[GenerationOutput]:
         """:meth:`generate` once per intervention on the same batch, the prompt pass computed once and shared."""
         if self.recompute and any(not i.is_identity for i in interventions):
             raise ValueError("interventions run on the cached chain; build the engine with recompute=False")
@@ -204,7 +205,7 @@ class IVTLR(nn.Module):
             runner = prefilled.fork() if i < len(interventions) - 1 else prefilled
             selected, final_rows = self._latent_passes(layouts, runner, rows, grad=False,
                                                        intervention=intervention, query_last=measure_attention)
-            pick = TokenPicker(do_sample, temperature, top_p, top_k, generator)
+            pick = TokenPicker(do_sample, temperature, top_p, top_k, generator, suppress_tokens)
             decoder = _Decoder(self, runner, layouts, final_rows if measure_attention else None)
             sequences, lengths, attention, log_probs = decoder.run(pick, max_new_tokens, eos, pad, input_ids.device,
                                                                    return_log_probs)

@@ -18,6 +18,7 @@ and ``tau = 0`` are the deterministic chain, exactly.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -59,10 +60,12 @@ def gumbel_top_k(scores: torch.Tensor, available: torch.Tensor, k: int, temperat
 
 @dataclass
 class LatentDraws:
-    """What a rollout drew, per sample and latent step: the fed rows and the patch indices in draw order."""
+    """What a rollout drew, per sample and latent step: the fed rows, the noise scale each was drawn with, and the
+    patch indices in draw order."""
 
     rows: list[list[torch.Tensor]]
     orders: list[list[torch.Tensor]]
+    stds: list[list[float]] = field(default_factory=list)
 
 
 @dataclass
@@ -70,7 +73,10 @@ class LatentPolicy:
     """The chain's latent choices as draws (see the module docstring). One per batch: ``seeds`` has a seed per sample.
 
     After the chain ran, :attr:`latent_log_probs` and :attr:`patch_log_probs` hold, per sample, one log-probability
-    per latent step (empty where the choice is deterministic) and :attr:`draws` what was drawn.
+    per latent step (empty where the choice is deterministic), :attr:`patch_entropies` the entropy of each step's
+    first patch draw (how far from top-K the patch policy is) and :attr:`draws` what was drawn. A replay scores each
+    row with the scale it was drawn with: the scale is a constant of the draw, not a function of the new weights
+    (the ratio then measures how far the mean moved, not how the state's RMS changed).
     """
 
     sigma: float = 0.0
@@ -79,6 +85,7 @@ class LatentPolicy:
     recorded: LatentDraws | None = None  # set: replay these draws instead of drawing
     latent_log_probs: list[list[torch.Tensor]] = field(default_factory=list)
     patch_log_probs: list[list[torch.Tensor]] = field(default_factory=list)
+    patch_entropies: list[list[float]] = field(default_factory=list)
     draws: LatentDraws = field(default_factory=lambda: LatentDraws([], []))
     _generators: dict[tuple[int, str], torch.Generator] = field(default_factory=dict)
 
@@ -104,7 +111,8 @@ class LatentPolicy:
                              f"{'none' if self.seeds is None else len(self.seeds)}")
         if self.recorded is not None and len(self.recorded.rows) != batch_size:
             raise ValueError(f"the recorded draws cover {len(self.recorded.rows)} samples, the batch has {batch_size}")
-        for per_sample in (self.latent_log_probs, self.patch_log_probs, self.draws.rows, self.draws.orders):
+        for per_sample in (self.latent_log_probs, self.patch_log_probs, self.patch_entropies, self.draws.rows,
+                           self.draws.orders, self.draws.stds):
             per_sample[:] = [[] for _ in range(batch_size)]
 
     def latent_row(self, sample: int, step: int, hidden: torch.Tensor, token_embedding: torch.Tensor,
@@ -115,13 +123,15 @@ class LatentPolicy:
         if self.sigma == 0 or state is None:  # deterministic, or no latent text (the slot holds its token)
             row = hidden
         else:
-            std = self.sigma * mean.detach().float().pow(2).mean().sqrt().clamp_min(1e-12)
             if self.recorded is not None:
                 row = self.recorded.rows[sample][step - 1].to(hidden.device, hidden.dtype)
+                std = self.recorded.stds[sample][step - 1]
             else:
+                std = float(self.sigma * mean.detach().float().pow(2).mean().sqrt().clamp_min(1e-12))
                 noise = torch.randn(hidden.shape, generator=self._generator(sample, "text"), dtype=torch.float32)
                 row = (hidden.detach().float() + std * noise.to(hidden.device)).to(hidden.dtype)
             self.latent_log_probs[sample].append(gaussian_log_prob(row, mean, std))
+            self.draws.stds[sample].append(std)
         self.draws.rows[sample].append(row.detach())
         return row
 
@@ -138,6 +148,8 @@ class LatentPolicy:
         else:
             drawn = gumbel_top_k(scores, ~taken, k, self.tau, self._generator(sample, "vision"))
         self.patch_log_probs[sample].append(plackett_luce_log_prob(scores, drawn, ~taken, self.tau))
+        if (~taken).any():
+            self.patch_entropies[sample].append(_entropy(scores.detach(), ~taken, self.tau))
         self.draws.orders[sample].append(drawn)
         return _insertion_order(drawn, scores.detach(), order)
 
@@ -151,6 +163,12 @@ class LatentPolicy:
             offset = 0 if kind == "text" else 1
             self._generators[key] = torch.Generator().manual_seed(int(self.seeds[sample]) * 2 + offset)
         return self._generators[key]
+
+
+def _entropy(scores: torch.Tensor, available: torch.Tensor, temperature: float) -> float:
+    """Entropy (nats) of ``softmax(scores / temperature)`` over the available items."""
+    log_p = (scores.double() / temperature).masked_fill(~available, float("-inf")).log_softmax(0)
+    return float(-(log_p.exp() * log_p.masked_fill(~available, 0.0)).sum())
 
 
 def _insertion_order(drawn: torch.Tensor, scores: torch.Tensor, order: str) -> torch.Tensor:
@@ -176,19 +194,50 @@ class PolicyLogProbs:
         return self.tokens + self.latents + self.patches
 
 
+@dataclass
+class UnitLogProbs:
+    """The log-probability of every single choice (a policy-gradient loss takes one ratio per choice): each answer
+    token (B, T), each latent step's row (B, S) and patch draw (B, S'), with masks of the real ones (a sample's
+    tokens end at its length; a deterministic kind has none)."""
+
+    tokens: torch.Tensor
+    token_mask: torch.Tensor
+    latents: torch.Tensor
+    latent_mask: torch.Tensor
+    patches: torch.Tensor
+    patch_mask: torch.Tensor
+
+    def sums(self) -> PolicyLogProbs:
+        """Each sample's total per kind."""
+        return PolicyLogProbs(*(values.masked_fill(~mask, 0.0).sum(-1) for values, mask in (
+            (self.tokens, self.token_mask), (self.latents, self.latent_mask), (self.patches, self.patch_mask))))
+
+
+def rollout_unit_log_probs(policy: LatentPolicy, token_log_probs: torch.Tensor, lengths: torch.Tensor
+                           ) -> UnitLogProbs:
+    """What a rollout recorded, choice by choice: ``policy`` after ``generate(..., intervention=policy,
+    return_log_probs=True)``, that generation's ``token_log_probs`` and ``lengths``."""
+    tokens = token_log_probs.double()
+    token_mask = torch.arange(tokens.shape[1], device=tokens.device) < lengths[:, None].to(tokens.device)
+    latents, latent_mask = _padded(policy.latent_log_probs, tokens)
+    patches, patch_mask = _padded(policy.patch_log_probs, tokens)
+    return UnitLogProbs(tokens.masked_fill(~token_mask, 0.0), token_mask, latents, latent_mask, patches, patch_mask)
+
+
 def rollout_log_probs(policy: LatentPolicy, token_log_probs: torch.Tensor) -> PolicyLogProbs:
-    """The log-probabilities a rollout recorded: ``policy`` after ``generate(..., intervention=policy,
-    return_log_probs=True)``, and that generation's ``token_log_probs``."""
+    """The log-probabilities a rollout recorded, summed per sample (see :func:`rollout_unit_log_probs`)."""
     return PolicyLogProbs(token_log_probs.double().sum(-1), _per_sample(policy.latent_log_probs, token_log_probs),
                           _per_sample(policy.patch_log_probs, token_log_probs))
 
 
-def replay_log_probs(engine, batch: dict[str, torch.Tensor], sequences: torch.Tensor, lengths: torch.Tensor,
-                     policy: LatentPolicy, *, temperature: float = 1.0) -> PolicyLogProbs:
+def replay_unit_log_probs(engine, batch: dict[str, torch.Tensor], sequences: torch.Tensor, lengths: torch.Tensor,
+                          policy: LatentPolicy, *, temperature: float = 1.0, suppress_tokens: Sequence[int] = ()
+                          ) -> UnitLogProbs:
     """Teacher forcing: ``batch`` (the rollout's prompts with their latent slots, left-padded) with each sample's
     generated tokens appended, through the engine's forward pass with the rollout's latent draws fed back; the
     log-probability of every choice under the current weights, with its graph (for the ratio of a policy-gradient
-    loss). Token log-probabilities are those of ``softmax(logits / temperature)``."""
+    loss). Token log-probabilities are those of ``softmax(logits / temperature)`` with ``suppress_tokens`` removed
+    (as the rollout's ``generate`` drew them)."""
     replay = policy.replay()
     ids, mask = batch["input_ids"], batch["attention_mask"]
     generated = torch.arange(sequences.shape[1], device=ids.device) < lengths[:, None].to(ids.device)
@@ -203,14 +252,40 @@ def replay_log_probs(engine, batch: dict[str, torch.Tensor], sequences: torch.Te
         vision[key] = torch.cat([value, value.new_zeros(value.shape[0], sequences.shape[1], *value.shape[2:])],
                                 dim=1) if per_token else value
     out = engine(full_ids, full_mask, labels, intervention=replay, **vision)
-    log_probs = (out.logits[:, :-1].double() / temperature).log_softmax(-1)
+    logits = out.logits[:, :-1].double() / temperature
+    if suppress_tokens:
+        logits = logits.index_fill(-1, torch.tensor(sorted(set(suppress_tokens)), device=logits.device), float("-inf"))
+    log_probs = logits.log_softmax(-1)
     targets = out.labels[:, 1:]
     chosen = log_probs.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    tokens = chosen.masked_fill(targets == -100, 0.0).sum(-1)
-    return PolicyLogProbs(tokens, _per_sample(replay.latent_log_probs, tokens), _per_sample(replay.patch_log_probs,
-                                                                                          tokens))
+    # Each sample's answer tokens are its labelled positions, in order: the generated order.
+    tokens = torch.zeros(sequences.shape, dtype=chosen.dtype, device=chosen.device)
+    token_mask = generated.to(chosen.device)
+    for b in range(len(ids)):
+        tokens[b, :int(lengths[b])] = chosen[b][targets[b] != -100]
+    latents, latent_mask = _padded(replay.latent_log_probs, tokens)
+    patches, patch_mask = _padded(replay.patch_log_probs, tokens)
+    return UnitLogProbs(tokens, token_mask, latents, latent_mask, patches, patch_mask)
+
+
+def replay_log_probs(engine, batch: dict[str, torch.Tensor], sequences: torch.Tensor, lengths: torch.Tensor,
+                     policy: LatentPolicy, *, temperature: float = 1.0) -> PolicyLogProbs:
+    """:func:`replay_unit_log_probs` summed per sample."""
+    return replay_unit_log_probs(engine, batch, sequences, lengths, policy, temperature=temperature).sums()
 
 
 def _per_sample(log_probs: list[list[torch.Tensor]], like: torch.Tensor) -> torch.Tensor:
     """Each sample's sum of its steps' log-probabilities (0 where its choices were deterministic)."""
     return torch.stack([torch.stack(steps).sum() if steps else like.new_zeros(()) for steps in log_probs])
+
+
+def _padded(log_probs: list[list[torch.Tensor]], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample lists of per-step log-probabilities as (B, S) values and mask, S the longest list."""
+    width = max((len(steps) for steps in log_probs), default=0)
+    values = like.new_zeros(len(log_probs), width, dtype=torch.float64)
+    mask = torch.zeros(len(log_probs), width, dtype=torch.bool, device=like.device)
+    for b, steps in enumerate(log_probs):
+        if steps:
+            values[b, :len(steps)] = torch.stack(steps).to(values)
+            mask[b, :len(steps)] = True
+    return values, mask

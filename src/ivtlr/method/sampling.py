@@ -1,18 +1,22 @@
 """Picking the next token from logits: greedy, or sampled through transformers' own logits warpers."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
 class TokenPicker:
-    """Greedy argmax, or sampling with temperature / top-k / top-p (transformers' own logits warpers)."""
+    """Greedy argmax, or sampling with temperature / top-k / top-p (transformers' own logits warpers); ``suppress``
+    ids are never picked (their probability is 0, also in :meth:`log_prob`)."""
 
     def __init__(self, do_sample: bool, temperature: float, top_p: float, top_k: int,
-                 generator: torch.Generator | None):
+                 generator: torch.Generator | None, suppress: Sequence[int] = ()):
         from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
                                                             TopKLogitsWarper, TopPLogitsWarper)
 
         self.do_sample, self.generator = do_sample, generator
+        self.suppress = sorted(set(suppress))
         self.warpers = LogitsProcessorList()
         if do_sample:
             if temperature <= 0:
@@ -25,6 +29,7 @@ class TokenPicker:
                 self.warpers.append(TopPLogitsWarper(top_p))
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = self._suppressed(logits)
         if not self.do_sample:
             return logits.argmax(-1)
         probs = self.warpers(None, logits).softmax(-1)
@@ -33,5 +38,11 @@ class TokenPicker:
     def log_prob(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """(B,) log-probability of ``tokens`` under the distribution :meth:`__call__` draws from (greedy picking:
         the plain softmax)."""
+        logits = self._suppressed(logits)
         warped = self.warpers(None, logits) if self.do_sample else logits
         return warped.float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+    def _suppressed(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.suppress:
+            return logits
+        return logits.index_fill(-1, torch.tensor(self.suppress, device=logits.device), float("-inf"))

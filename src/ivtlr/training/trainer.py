@@ -141,7 +141,7 @@ class Trainer:
         """Write ``config.yaml`` when this call trains, warning about settings that differ from the run's saved
         ones; when every epoch is done already, keep the run's own record and say what was not applied."""
         path = self.config.run_dir / CONFIG_FILE
-        changed = _changed_settings(path, self.config)
+        changed = changed_settings(path, self.config)
         if progress.epoch >= self.config.num_epochs:
             if changed:
                 logger.warning("every epoch of %s is trained already: nothing trains, so these settings were not "
@@ -393,21 +393,8 @@ class _Run:
         stage_done = epoch + 1 == config.num_epochs or curriculum.stage(epoch + 1) != curriculum.stage(epoch)
         return epoch_done and (stage_done or config.save_every_steps is None)
 
-    def _check_weights_finite(self) -> None:
-        """Refuse to save weights an update turned inf/NaN (its loss was still finite): the newest checkpoint
-        must stay one a rerun can continue from."""
-        acc = self.acc
-        bad = [name for name, p in acc.unwrap_model(self.engine).named_parameters()
-               if p.requires_grad and not torch.isfinite(p).all()]
-        count = int(acc.reduce(torch.tensor(len(bad), device=acc.device), "sum"))
-        if count:
-            raise NonFiniteTraining(
-                f"step {self.progress.step} left non-finite weights in {count} tensors (first: "
-                f"{bad[0] if bad else 'on another process'}); their checkpoint was not written (newest: "
-                f"{self.checkpoint}). Lower lr (now {self.config.lr:g}) and rerun to continue from it")
-
     def _save(self, stage: int) -> None:
-        self._check_weights_finite()
+        refuse_nonfinite_weights(self.acc, self.engine, self.progress.step, self.checkpoint, self.config.lr)
         config, engine = self.config, self.acc.unwrap_model(self.engine)
         progress, components = self.progress, self.components
         meta = CheckpointMeta(
@@ -423,6 +410,19 @@ class _Run:
         self.checkpoint = save_checkpoint(
             self.acc, self.engine, components.processor, meta, self.trainer.checkpoint_root,
             lambda directory: save_training_state(self.acc, self.scheduler, directory), keep_last=config.keep_last)
+
+
+def refuse_nonfinite_weights(acc, engine, step: int, newest: Path | None, lr: float) -> None:
+    """Refuse to save weights an update turned inf/NaN (its loss was still finite): the newest checkpoint must stay
+    one a rerun can continue from."""
+    bad = [name for name, p in acc.unwrap_model(engine).named_parameters()
+           if p.requires_grad and not torch.isfinite(p).all()]
+    count = int(acc.reduce(torch.tensor(len(bad), device=acc.device), "sum"))
+    if count:
+        raise NonFiniteTraining(
+            f"step {step} left non-finite weights in {count} tensors (first: "
+            f"{bad[0] if bad else 'on another process'}); their checkpoint was not written (newest: {newest}). "
+            f"Lower lr (now {lr:g}) and rerun to continue from it")
 
 
 def _apply_optimisation_settings(scheduler, config: Config) -> dict[str, list[float]]:
@@ -450,7 +450,7 @@ def _reset_optimizer_state(optimizer) -> None:
     inner.state.clear()
 
 
-def _changed_settings(path: Path, config: Config) -> str:
+def changed_settings(path: Path, config: Config) -> str:
     """``key: saved -> now`` for each setting of ``config`` that differs from the YAML at ``path`` ('' if none or no
     file)."""
     if not path.is_file():

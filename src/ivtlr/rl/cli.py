@@ -1,0 +1,34 @@
+"""``ivtlr rl CONFIG [key=value ...]``: GRPO on latent chains, from the checkpoint ``load_model_path`` names.
+
+The same command on a CPU, one GPU or under ``accelerate launch`` (DDP). The config and the output folder are checked
+before torch, transformers and Accelerate are imported.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ivtlr.backbones import check_tiny_family
+from ivtlr.config import load_config
+from ivtlr.errors import check_output_dir
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML run configuration with an rl: section (configs/tiny_rl.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="override config keys, e.g. rl.steps=50 load_model_path=runs/x/checkpoints/step_40")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    check_output_dir(config.run_dir, "save_path/name")
+    check_tiny_family(config.model)
+    from accelerate.logging import get_logger
+
+    from ivtlr.rl import train_rl
+
+    logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)
+    result = train_rl(config)
+    get_logger(__name__).info("%d optimizer steps, rollouts at %.1f answers/s; newest checkpoint: %s", result.steps,
+                              result.rollouts_per_s, result.checkpoint)
+    return 0
