@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from schema_files import write_m3cot_files
 from train_runs import (accelerate_command, checkpoint_weights, column, final_weights, max_difference, metrics,
-                        one_thread, run_subprocess, single_thread, subprocess_env, train_in_process, write_config)
+                        one_thread, run_subprocess, single_thread, subprocess_env, train_exit_status, train_in_process,
+                        write_config)
 
 from ivtlr.checkpoint import checkpoint_dirs, latest_checkpoint, read_meta
-from ivtlr.cli import main
 from ivtlr.config import RLConfig
 from ivtlr.data import load_examples
 from ivtlr.loading import load
@@ -106,11 +105,7 @@ def rl_config(sft, directory: Path, name: str, **settings) -> Path:
 
 
 def rl_exit_status(config: Path, *overrides: str) -> int:
-    try:
-        return main(["rl", str(config), *overrides])
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+    return train_exit_status(config, *overrides, command="rl")
 
 
 def test_rollouts_replayed_at_the_same_weights_have_ratio_one(sft):

@@ -51,10 +51,10 @@ def write_config(directory: Path, data_files: dict, schema: str = "m3cot", **key
     return path
 
 
-def train_exit_status(config: Path, *overrides: str) -> int:
-    """``ivtlr train CONFIG overrides`` in this process; its exit status."""
+def train_exit_status(config: Path, *overrides: str, command: str = "train") -> int:
+    """``ivtlr train CONFIG overrides`` (or another command's) in this process; its exit status."""
     try:
-        return main(["train", str(config), *overrides])
+        return main([command, str(config), *overrides])
     finally:
         # Each run builds its own Accelerator; forget the process-wide state (mixed precision differs between runs).
         AcceleratorState._reset_state(reset_partial_state=True)

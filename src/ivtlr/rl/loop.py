@@ -16,7 +16,6 @@ a rollout batch's updates only), the same non-finite guard and metrics sinks.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,7 +38,8 @@ from ivtlr.rl.rollouts import Rollouts, draw_seed, roll_out
 from ivtlr.training.datasets import epoch_order, training_examples
 from ivtlr.training.model import build_training_model, latents_at_stage
 from ivtlr.training.state import load_training_state, save_training_state
-from ivtlr.training.trainer import CONFIG_FILE, NonFiniteTraining, Trainer, changed_settings, refuse_nonfinite_weights
+from ivtlr.training.trainer import (CONFIG_FILE, Trainer, changed_settings, clip_gradients, refuse_nonfinite_weights,
+                                   step_if_finite)
 
 logger = get_logger(__name__)
 
@@ -269,25 +269,14 @@ class _Loop:
                     loss = loss + (weights[kind] * part.policy_sum + settings.kl * part.kl_sum) / share[kind]
                     totals[kind] += _kind_totals(part, values.device)
                 acc.backward(loss.float())
-        grad_norm = acc.clip_grad_norm_(self.engine.parameters(), self.config.max_grad_norm or math.inf)
-        grad_norm = float(grad_norm) if grad_norm is not None else None
+        grad_norm = clip_gradients(acc, self.engine, self.config.max_grad_norm)
         summed = {kind: acc.reduce(totals[kind], "sum").tolist() for kind in KINDS}
         loss = sum(weights[k] * summed[k][0] / summed[k][3] + settings.kl * summed[k][1] / summed[k][3]
                    for k in KINDS if summed[k][3])
         lr = self.scheduler.get_last_lr()[0]
-        finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
-        if not finite and self.config.on_nonfinite == "stop":
-            raise NonFiniteTraining(
-                f"RL step {self.step + 1} has a non-finite loss ({loss}) or gradient norm ({grad_norm}) at lr "
-                f"{lr:g}: stopped before updating or saving (newest checkpoint: {self.checkpoint}). Lower lr, rl.sigma "
-                "or rl.weight_latent, or set on_nonfinite: skip; rerun to continue")
-        if finite:
-            self.optimizer.step()
-        else:
-            logger.warning("RL step %d skipped (on_nonfinite: skip): loss %s, gradient norm %s", self.step + 1, loss,
-                           grad_norm)
-        self.scheduler.step()
-        self.optimizer.zero_grad()
+        finite = step_if_finite(self.optimizer, self.scheduler, loss, grad_norm, step=self.step + 1,
+                                on_nonfinite=self.config.on_nonfinite, newest=self.checkpoint,
+                                advice="Lower lr, rl.sigma or rl.weight_latent")
         self.step += 1
         stats = {"loss": loss, "lr": lr, "grad_norm": grad_norm,
                  "kl": sum(summed[k][1] / summed[k][3] for k in KINDS if summed[k][3])}

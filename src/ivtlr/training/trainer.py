@@ -344,26 +344,13 @@ class _Run:
                                    totals.new_tensor(float(step is not None)),
                                    region.detach().float() if region is not None else totals.new_zeros(()),
                                    totals.new_tensor(float(region is not None))])
-        grad_norm = acc.clip_grad_norm_(self.engine.parameters(), self.config.max_grad_norm or math.inf)
-        if grad_norm is not None:
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        grad_norm = clip_gradients(acc, self.engine, self.config.max_grad_norm)
         loss, samples, latents, step_sum, step_count, region_sum, region_count = acc.reduce(totals, "sum").tolist()
         loss /= float(window_tokens)
         lr = self.scheduler.get_last_lr()[0]
-        # Equal on every process (reduced), so all of them stop or skip together.
-        finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
-        if not finite and self.config.on_nonfinite == "stop":
-            raise NonFiniteTraining(
-                f"step {self.progress.step + 1} has a non-finite loss ({loss}) or gradient norm ({grad_norm}) at lr "
-                f"{lr:g}: training stopped before updating or saving (newest checkpoint: {self.checkpoint}). Lower "
-                "lr, check the data, or set on_nonfinite: skip to skip such steps; rerun to continue")
-        if finite:
-            self.optimizer.step()
-        else:
-            logger.warning("step %d skipped (on_nonfinite: skip): loss %s, gradient norm %s", self.progress.step + 1,
-                           loss, grad_norm)
-        self.scheduler.step()
-        self.optimizer.zero_grad()
+        finite = step_if_finite(self.optimizer, self.scheduler, loss, grad_norm, step=self.progress.step + 1,
+                                on_nonfinite=self.config.on_nonfinite, newest=self.checkpoint,
+                                advice="Lower lr, check the data")
         stats = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "samples": int(samples),
                  "latents": latents / samples}
         if not finite:
@@ -410,6 +397,35 @@ class _Run:
         self.checkpoint = save_checkpoint(
             self.acc, self.engine, components.processor, meta, self.trainer.checkpoint_root,
             lambda directory: save_training_state(self.acc, self.scheduler, directory), keep_last=config.keep_last)
+
+
+def clip_gradients(acc, engine, max_grad_norm: float | None) -> float | None:
+    """Clip the gradients to ``max_grad_norm`` (none: only measure); their norm before clipping, as a float."""
+    grad_norm = acc.clip_grad_norm_(engine.parameters(), max_grad_norm or math.inf)
+    if grad_norm is None:
+        return None
+    return float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+
+
+def step_if_finite(optimizer, scheduler, loss: float, grad_norm: float | None, *, step: int, on_nonfinite: str,
+                   newest: Path | None, advice: str) -> bool:
+    """One optimizer step, unless the (process-reduced) loss or gradient norm is inf/NaN: then stop the run with one
+    line (``on_nonfinite: stop``, ``advice`` saying what to lower) or skip the update (``skip``). The scheduler
+    steps either way; returns whether the weights were updated. Equal on every process, so all stop or skip
+    together."""
+    finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
+    if not finite and on_nonfinite == "stop":
+        raise NonFiniteTraining(
+            f"step {step} has a non-finite loss ({loss}) or gradient norm ({grad_norm}) at lr "
+            f"{scheduler.get_last_lr()[0]:g}: training stopped before updating or saving (newest checkpoint: "
+            f"{newest}). {advice}, or set on_nonfinite: skip to skip such steps; rerun to continue")
+    if finite:
+        optimizer.step()
+    else:
+        logger.warning("step %d skipped (on_nonfinite: skip): loss %s, gradient norm %s", step, loss, grad_norm)
+    scheduler.step()
+    optimizer.zero_grad()
+    return finite
 
 
 def refuse_nonfinite_weights(acc, engine, step: int, newest: Path | None, lr: float) -> None:
