@@ -75,7 +75,7 @@ class RLConfig:
     group_size: int = 8  # G rollouts per question: its advantages are normalised within the group
     questions_per_pass: int | None = None  # questions per rollout/replay forward (x G samples); null = all at once
     updates_per_rollout: int = 1  # optimizer steps on each rollout batch (the ratios leave 1 from the second on)
-    sigma: float = 0.1  # latent text: noise std relative to the state's RMS; 0 = the deterministic state
+    sigma: float = 0.03  # latent text: noise std relative to the state's RMS; 0 = the deterministic state
     tau: float = 0.01  # latent vision: temperature of softmax(attention scores / tau); 0 = top-K
     temperature: float = 1.0  # answer tokens are sampled at this temperature
     max_new_tokens: int = 64
@@ -84,7 +84,7 @@ class RLConfig:
     clip_patch: float = 0.2
     dual_clip: float | None = 3.0  # a negative advantage's objective is bounded by dual_clip * A; null = off
     weight_text: float = 1.0  # weights of each kind's policy loss
-    weight_latent: float = 1.0
+    weight_latent: float = 0.01  # a Gaussian row's score (noise / scale, over the hidden size) dwarfs a token's
     weight_patch: float = 1.0
     kl: float = 0.0  # weight of the KL penalty to the starting model (k3 estimate over every choice); 0 = none
     reward_correct: float = 1.0  # reward of a right answer

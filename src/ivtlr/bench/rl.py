@@ -6,7 +6,7 @@ number of sequences, in one run on the same machine.
   its ``metrics.jsonl`` (``samples / samples_per_s``: data loading and collation included). Its final checkpoint is
   the RL run's starting point, so no separate SFT run is needed.
 - ``rl``: ``ivtlr rl`` from that checkpoint, ``questions`` questions x ``group`` rollouts per step (3 latent steps,
-  sigma 0.1, tau 0.01, answers sampled up to ``max_new_tokens``), all in one rollout pass and one replay pass; the
+  sigma 0.03, tau 0.01, answers sampled up to ``max_new_tokens``), all in one rollout pass and one replay pass; the
   rollout seconds, the update seconds and the rollout answers/s each step logs.
 
 Both runs use the demo's tiny Qwen2-VL (56 px digit puzzles, K = 1) and the built-in digit puzzles. Every figure is
@@ -36,7 +36,7 @@ logger = logging.getLogger("bench_rl")
 
 DEFAULT_OUT = Path("benchmarks") / "results" / "rl.json"  # relative to where it runs
 N_LATENT = 3  # the digit puzzles' reasoning steps: the last curriculum stage
-SIGMA, TAU = 0.1, 0.01
+SIGMA, TAU = 0.03, 0.01
 TRAINING_LR, RL_LR = 1e-3, 1e-5
 #: The demo's tiny model and data, shared by both runs.
 BASE_CONFIG = {"model": "tiny:qwen2_vl", "image_size": 56, "num_selected_patches": 1, "use_lora": False,

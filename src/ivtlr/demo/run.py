@@ -105,9 +105,10 @@ class DemoRecipe:
     rl_questions_per_step: int = 16
     rl_group_size: int = 8
     rl_lr: float = 5e-5
-    rl_sigma: float = 0.1
+    rl_sigma: float = 0.03
     rl_tau: float = 0.01
     rl_temperature: float = 1.0
+    rl_weight_latent: float = 0.01
 
     @property
     def image_size(self) -> int:
@@ -355,7 +356,8 @@ def rl_config(recipe: DemoRecipe, supervised: Config) -> Config:
     the RL settings and lr, one checkpoint at the end (``load_model_path`` is set once the parent's exists)."""
     settings = RLConfig(steps=recipe.rl_steps, questions_per_step=recipe.rl_questions_per_step,
                         group_size=recipe.rl_group_size, sigma=recipe.rl_sigma, tau=recipe.rl_tau,
-                        temperature=recipe.rl_temperature, max_new_tokens=recipe.max_new_tokens)
+                        temperature=recipe.rl_temperature, weight_latent=recipe.rl_weight_latent,
+                        max_new_tokens=recipe.max_new_tokens)
     return replace(supervised, name="ivtlr_rl", resume=0, lr=recipe.rl_lr, warmup_steps=0, save_every_steps=None,
                    step_supervision=0.0, region_supervision=0.0, rl=settings)
 
