@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "objective and with the supervision that applies to each (about twice the demo's time)")
     parser.add_argument("--rl", action="store_true",
                         help="also run GRPO (ivtlr rl) from the supervised IVT-LR checkpoint, and probe the result "
-                             "(adds about 5 minutes)")
+                             "(about 2 more minutes on a 2-core CPU)")
     parser.add_argument("--workers", type=int, default=None,
                         help="runs trained in parallel processes (default: one per core, at most 2)")
 

@@ -281,8 +281,10 @@ def plot_rl_curve(records: Sequence[Mapping], path: Path) -> Path:
     window = max(1, len(records) // 10)
     steps = [r["rollout_step"] for r in records]
     figure, axes = plt.subplots(figsize=(7, 4))
-    for key in ("reward", "accuracy"):
-        axes.plot(steps, running_mean([r[key] for r in records], window), label=f"rollout {key}", linewidth=1.2)
+    same = all(r["reward"] == r["accuracy"] for r in records)  # no format reward: one line says both
+    for key in ("reward",) if same else ("reward", "accuracy"):
+        label = "rollout accuracy (= reward)" if same else f"rollout {key}"
+        axes.plot(steps, running_mean([r[key] for r in records], window), label=label, linewidth=1.2)
     axes.set_xlabel("rollout batch")
     axes.set_ylabel("mean over the batch's rollouts")
     axes.legend(fontsize=8)
