@@ -89,3 +89,20 @@ def test_a_cancelled_request_leaves_and_frees_its_row(bundle):
         live.tick()
     assert second.tokens == answered_alone(engine, bundle, ARRIVALS[1][1])[0]
     assert live.runner is None  # everything left: the cache is gone
+
+
+def test_a_question_joining_as_every_request_in_flight_is_cancelled_is_answered(bundle):
+    """The tick after every active request was cancelled has no row to compute for them; a question joining in that
+    tick must still get its prompt pass and its answer (the server's clients that left mid-stream, then a burst)."""
+    engine = engine_for(bundle)
+    live = engine.live_batch()
+    first_batch, later_batch = (prompt_batch(bundle, [spec]) for _, spec in ARRIVALS[:2])
+    first = live.admit(first_batch["input_ids"], first_batch["attention_mask"], max_new_tokens=MAX_NEW,
+                       **vision_of(first_batch))
+    live.tick()
+    live.cancel(first)
+    later = live.admit(later_batch["input_ids"], later_batch["attention_mask"], max_new_tokens=MAX_NEW,
+                       **vision_of(later_batch))
+    while len(live):
+        live.tick()
+    assert later.tokens == answered_alone(engine, bundle, ARRIVALS[1][1])[0]

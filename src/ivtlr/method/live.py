@@ -117,8 +117,9 @@ class LiveBatch:
         events = []
         if self.active or joining:
             self.engine.prepare_row_kernel()
-        if self.active:
-            segments = [self._next_segment(request) for request in self.active]
+        segments = [self._next_segment(request) for request in self.active]
+        # No pass when every request in flight was cancelled since the last tick: they only leave (below).
+        if any(segment is not None for segment in segments):
             # Attention rows are needed where a latent step follows this pass (every latent step but the last).
             query = any(segment is not None and request.steps_done + 1 < request.n_latent
                         for request, segment in zip(self.active, segments))
