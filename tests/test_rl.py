@@ -114,8 +114,7 @@ def test_rollouts_replayed_at_the_same_weights_have_ratio_one(sft):
     questions = list(load_examples("m3cot", "train", data_files={k: str(v) for k, v in files.items()}))[:2]
     settings = RLConfig(**{**RL, "group_size": 3})
     rollouts = roll_out(model.engine, model.processor, model.tokenizer, questions, [0, 1], settings=settings,
-                        n_latent=2, image_size=56, seed=0, rollout_step=0, token_seed=1, device=torch.device("cpu"),
-                        dtype=torch.float32)
+                        n_latent=2, image_size=56, seed=0, rollout_step=0, token_seed=1)
     assert [e.id for e in rollouts.examples] == [questions[0].id] * 3 + [questions[1].id] * 3
     generated = rollouts.sequences[torch.arange(rollouts.sequences.shape[1]) < rollouts.lengths[:, None]]
     # At temperature 2 an untrained model would write image placeholders and latent slots; no answer may.

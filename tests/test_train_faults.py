@@ -100,13 +100,11 @@ def _choose(labels: list[str], count: int, seed: int) -> list[int]:
 
 def _warm_up(config: Path) -> None:
     """One run in this process (hook off), so each forked child starts with everything imported and cached."""
-    from accelerate.state import AcceleratorState, GradientState
-
     from ivtlr.cli import main
+    from ivtlr.training.accelerate_state import fresh_accelerate_state
 
-    assert main(["train", str(config), "name=warm-up"]) == 0
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    with fresh_accelerate_state():
+        assert main(["train", str(config), "name=warm-up"]) == 0
 
 
 def _worker(config: Path, report_file: Path, count: int, seed: int) -> None:

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from ivtlr.checkpoint import ADAPTER_FILE, FULL_WEIGHTS_FILE, latest_checkpoint
 from ivtlr.cli import main
+from ivtlr.training.accelerate_state import fresh_accelerate_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,12 +53,8 @@ def write_config(directory: Path, data_files: dict, schema: str = "m3cot", **key
 
 def train_exit_status(config: Path, *overrides: str, command: str = "train") -> int:
     """``ivtlr train CONFIG overrides`` (or another command's) in this process; its exit status."""
-    try:
+    with fresh_accelerate_state():
         return main([command, str(config), *overrides])
-    finally:
-        # Each run builds its own Accelerator; forget the process-wide state (mixed precision differs between runs).
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
 
 
 def train_in_process(config: Path, *overrides: str) -> Path:

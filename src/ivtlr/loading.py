@@ -63,8 +63,7 @@ class LoadedModel:
 
     def place(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``batch`` (processor outputs) on the model's device, floating inputs (pixels) in its dtype."""
-        return {key: value.to(self.device, self.dtype) if value.is_floating_point() else value.to(self.device)
-                for key, value in batch.items()}
+        return place_batch(batch, self.engine)
 
     def n_latent(self, requested: int | None, fallback: int = DEFAULT_N_LATENT) -> int:
         """Latent steps at inference: none for No-CoT / CoT; else ``requested``, else the final training stage."""
@@ -81,6 +80,13 @@ class LoadedModel:
                                self.trained_n_latent)
             return requested
         return self.trained_n_latent if self.trained_n_latent is not None else fallback
+
+
+def place_batch(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``batch`` (processor outputs) on ``model``'s device, floating inputs (pixels) in its dtype."""
+    parameter = next(model.parameters())
+    return {key: value.to(parameter.device, parameter.dtype) if value.is_floating_point()
+            else value.to(parameter.device) for key, value in batch.items()}
 
 
 def default_device() -> torch.device:

@@ -147,21 +147,10 @@ def rl_config(sizes: Sizes, scratch: Path, checkpoint: Path) -> Config:
                "n_latent": N_LATENT, "sigma": SIGMA, "tau": TAU, "max_new_tokens": sizes.max_new_tokens}})
 
 
-@contextmanager
-def fresh_accelerate_state() -> Iterator[None]:
-    """Every run builds its own Accelerator: forget the process-wide state the run leaves behind."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    try:
-        yield
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-
-
 def run_training(config: Config) -> Path:
     """``ivtlr train`` in this process; its final checkpoint."""
     from ivtlr.training import train
+    from ivtlr.training.accelerate_state import fresh_accelerate_state
 
     with fresh_accelerate_state():
         result = train(config)
@@ -172,6 +161,7 @@ def run_training(config: Config) -> Path:
 
 def run_rl(config: Config) -> None:
     from ivtlr.rl import train_rl
+    from ivtlr.training.accelerate_state import fresh_accelerate_state
 
     with fresh_accelerate_state():
         train_rl(config)

@@ -365,17 +365,12 @@ def rl_config(recipe: DemoRecipe, supervised: Config) -> Config:
 # ---------------------------------------------------------------------------------------------------- running
 def train_run(config: Config, rl: bool = False) -> Path:
     """``ivtlr train`` (``ivtlr rl`` with ``rl``) in this process; returns the run's final checkpoint."""
-    from accelerate.state import AcceleratorState, GradientState
-
     from ivtlr.rl import train_rl
     from ivtlr.training import train
+    from ivtlr.training.accelerate_state import fresh_accelerate_state
 
-    try:
+    with fresh_accelerate_state():
         result = train_rl(config) if rl else train(config)
-    finally:
-        # Every run builds its own Accelerator: forget the process-wide state the previous one left.
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
     if result.checkpoint is None:
         raise RuntimeError(f"run {config.name} saved no checkpoint")
     return result.checkpoint

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ivtlr.method.sampling import suppressed
 from ivtlr.method.selection import select_patches
 
 
@@ -225,9 +226,10 @@ def rollout_unit_log_probs(policy: LatentPolicy, token_log_probs: torch.Tensor, 
 
 
 def rollout_log_probs(policy: LatentPolicy, token_log_probs: torch.Tensor) -> PolicyLogProbs:
-    """The log-probabilities a rollout recorded, summed per sample (see :func:`rollout_unit_log_probs`)."""
-    return PolicyLogProbs(token_log_probs.double().sum(-1), _per_sample(policy.latent_log_probs, token_log_probs),
-                          _per_sample(policy.patch_log_probs, token_log_probs))
+    """The log-probabilities a rollout recorded, summed per sample (see :func:`rollout_unit_log_probs`; generate's
+    ``token_log_probs`` are 0 after a sample's end, so every column counts)."""
+    width = torch.full(token_log_probs.shape[:1], token_log_probs.shape[1], device=token_log_probs.device)
+    return rollout_unit_log_probs(policy, token_log_probs, width).sums()
 
 
 def replay_unit_log_probs(engine, batch: dict[str, torch.Tensor], sequences: torch.Tensor, lengths: torch.Tensor,
@@ -252,10 +254,7 @@ def replay_unit_log_probs(engine, batch: dict[str, torch.Tensor], sequences: tor
         vision[key] = torch.cat([value, value.new_zeros(value.shape[0], sequences.shape[1], *value.shape[2:])],
                                 dim=1) if per_token else value
     out = engine(full_ids, full_mask, labels, intervention=replay, **vision)
-    logits = out.logits[:, :-1].double() / temperature
-    if suppress_tokens:
-        logits = logits.index_fill(-1, torch.tensor(sorted(set(suppress_tokens)), device=logits.device), float("-inf"))
-    log_probs = logits.log_softmax(-1)
+    log_probs = suppressed(out.logits[:, :-1].double() / temperature, suppress_tokens).log_softmax(-1)
     targets = out.labels[:, 1:]
     chosen = log_probs.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     # Each sample's answer tokens are its labelled positions, in order: the generated order.
@@ -272,11 +271,6 @@ def replay_log_probs(engine, batch: dict[str, torch.Tensor], sequences: torch.Te
                      policy: LatentPolicy, *, temperature: float = 1.0) -> PolicyLogProbs:
     """:func:`replay_unit_log_probs` summed per sample."""
     return replay_unit_log_probs(engine, batch, sequences, lengths, policy, temperature=temperature).sums()
-
-
-def _per_sample(log_probs: list[list[torch.Tensor]], like: torch.Tensor) -> torch.Tensor:
-    """Each sample's sum of its steps' log-probabilities (0 where its choices were deterministic)."""
-    return torch.stack([torch.stack(steps).sum() if steps else like.new_zeros(()) for steps in log_probs])
 
 
 def _padded(log_probs: list[list[torch.Tensor]], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,6 +43,11 @@ class TokenPicker:
         return warped.float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
     def _suppressed(self, logits: torch.Tensor) -> torch.Tensor:
-        if not self.suppress:
-            return logits
-        return logits.index_fill(-1, torch.tensor(self.suppress, device=logits.device), float("-inf"))
+        return suppressed(logits, self.suppress)
+
+
+def suppressed(logits: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
+    """``logits`` with the ``token_ids`` made impossible (-inf): what a picker with ``suppress`` draws from."""
+    if not token_ids:
+        return logits
+    return logits.index_fill(-1, torch.tensor(sorted(set(token_ids)), device=logits.device), float("-inf"))

@@ -8,21 +8,18 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ivtlr.backbones import check_tiny_family
-from ivtlr.config import load_config
-from ivtlr.errors import check_output_dir
+from ivtlr.training.cli import checked_run_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML run configuration with an rl: section (configs/tiny_rl.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="override config keys, e.g. rl.steps=50 load_model_path=runs/x/checkpoints/step_40")
+                        help="override config keys, e.g. rl.steps=50 "
+                             "load_model_path=runs/tiny_cpu/checkpoints/checkpoint-00000256")
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.overrides)
-    check_output_dir(config.run_dir, "save_path/name")
-    check_tiny_family(config.model)
+    config = checked_run_config(args)
     from accelerate.logging import get_logger
 
     from ivtlr.rl import train_rl

@@ -29,7 +29,7 @@ from transformers import get_scheduler
 
 from ivtlr.checkpoint import CheckpointMeta, clean_temporary_dirs, load_weights, read_meta, save_checkpoint, \
     training_state_dir
-from ivtlr.config import Config, ConfigError, save_config
+from ivtlr.config import Config, ConfigError
 from ivtlr.data import ExampleSequence
 from ivtlr.metrics_log import MetricsLogger
 from ivtlr.method.policy import replay_unit_log_probs
@@ -38,8 +38,7 @@ from ivtlr.rl.rollouts import Rollouts, draw_seed, roll_out
 from ivtlr.training.datasets import epoch_order, training_examples
 from ivtlr.training.model import build_training_model, latents_at_stage
 from ivtlr.training.state import load_training_state, save_training_state
-from ivtlr.training.trainer import (CONFIG_FILE, Trainer, changed_settings, clip_gradients, refuse_nonfinite_weights,
-                                   step_if_finite)
+from ivtlr.training.trainer import Trainer, clip_gradients, record_config, refuse_nonfinite_weights, step_if_finite
 
 logger = get_logger(__name__)
 
@@ -108,7 +107,7 @@ class GRPOTrainer(Trainer):
         if checkpoint is not None:
             load_training_state(acc, optimizer, scheduler, training_state_dir(checkpoint, meta), meta)
         if acc.is_main_process and step < settings.steps * settings.updates_per_rollout:
-            _record_config(config)
+            record_config(config)
         loop = _Loop(self, engine, reference, optimizer, scheduler, components, examples, n_latent, step, checkpoint)
         result = loop.run()
         acc.end_training()
@@ -133,16 +132,6 @@ def _reference_engine(config: Config, device: torch.device):
     return reference.to(device)
 
 
-def _record_config(config: Config) -> None:
-    path = config.run_dir / CONFIG_FILE
-    changed = changed_settings(path, config)
-    if changed:
-        logger.warning("continuing %s with settings that differ from its %s: %s", config.run_dir, path, changed)
-    tmp = path.with_name(f".{CONFIG_FILE}.tmp")
-    save_config(config, tmp)
-    tmp.replace(path)
-
-
 class _Loop:
     """One ``GRPOTrainer.train`` call: rollouts, updates, metrics and checkpoints."""
 
@@ -153,6 +142,7 @@ class _Loop:
         self.engine, self.reference, self.optimizer, self.scheduler = engine, reference, optimizer, scheduler
         self.components, self.examples, self.n_latent = components, examples, n_latent
         self.step, self.checkpoint = step, checkpoint
+        self._orders: dict[int, list[int]] = {}
         self.metrics = MetricsLogger(self.acc, self.config.run_dir, jsonl="jsonl" in self.config.log_with,
                                      project=self.config.project, run_name=self.config.name,
                                      config=self.config.to_dict(), start_step=step)
@@ -175,15 +165,15 @@ class _Loop:
                 began = time.perf_counter()
                 rollouts = self._roll_out(rollout_step)
                 rolled = time.perf_counter() - began
-                rollout_seconds += rolled
-                answers += sum(len(r.examples) for r in rollouts)
+                batch_answers = sum(len(r.examples) for r in rollouts)
+                rollout_seconds, answers = rollout_seconds + rolled, answers + batch_answers
                 advantages = [group_advantages(r.reward_values, settings.group_size,
                                                scale=settings.scale_advantages) for r in rollouts]
                 for _ in range(settings.updates_per_rollout):
                     stats = self._update(rollouts, advantages)
                 record = {"step": self.step, "rollout_step": rollout_step + 1, **self._rollout_stats(rollouts),
                           **stats, "rollout_seconds": rolled, "update_seconds": time.perf_counter() - began - rolled,
-                          "rollouts_per_s": sum(len(r.examples) for r in rollouts) / rolled}
+                          "rollouts_per_s": batch_answers / rolled}
                 self.metrics.log(record)
                 bar.update(1)
                 bar.set_postfix({"reward": f"{record['reward']:.3f}", "accuracy": f"{record['accuracy']:.2f}",
@@ -201,15 +191,21 @@ class _Loop:
         return list(range(start, start + per_process))
 
     def _example(self, position: int):
+        """The question at ``position`` of the stream: pass ``position // n`` over the split, in that pass's order."""
         n = len(self.examples)
-        return self.examples[epoch_order(n, self.config.seed, position // n)[position % n]]
+        return self.examples[self._pass_order(position // n)[position % n]]
+
+    def _pass_order(self, index: int) -> list[int]:
+        """Pass ``index``'s permutation, drawn once: positions only grow, so only the newest pass is kept."""
+        if index not in self._orders:
+            self._orders = {index: epoch_order(len(self.examples), self.config.seed, index)}
+        return self._orders[index]
 
     @torch.no_grad()
     def _roll_out(self, rollout_step: int) -> list[Rollouts]:
         positions = self._questions(rollout_step)
         per_pass = self.settings.questions_per_pass or len(positions)
         engine = self.acc.unwrap_model(self.engine).eval()
-        parameter = next(engine.parameters())
         rollouts = []
         for start in range(0, len(positions), per_pass):
             chunk = positions[start:start + per_pass]
@@ -217,8 +213,7 @@ class _Loop:
                 engine, self.components.processor, self.components.tokenizer, [self._example(p) for p in chunk],
                 chunk, settings=self.settings, n_latent=self.n_latent, image_size=self.config.image_size,
                 seed=self.config.seed, rollout_step=rollout_step,
-                token_seed=draw_seed(self.config.seed, rollout_step, chunk[0], 1),
-                device=parameter.device, dtype=parameter.dtype))
+                token_seed=draw_seed(self.config.seed, rollout_step, chunk[0], 1)))
         return rollouts
 
     def _rollout_stats(self, rollouts: list[Rollouts]) -> dict[str, float]:

@@ -16,6 +16,7 @@ import torch
 
 from ivtlr.config import RLConfig
 from ivtlr.data import Example, build_generation_batch
+from ivtlr.loading import place_batch
 from ivtlr.method.engine import IVTLR
 from ivtlr.method.policy import LatentPolicy, UnitLogProbs, rollout_unit_log_probs
 from ivtlr.rl.rewards import Reward, reward_of
@@ -47,21 +48,20 @@ class Rollouts:
 
 def roll_out(engine: IVTLR, processor, tokenizer, questions: Sequence[Example], positions: Sequence[int], *,
              settings: RLConfig, n_latent: int, image_size: int | None, seed: int, rollout_step: int,
-             token_seed: int, device: torch.device, dtype: torch.dtype) -> Rollouts:
+             token_seed: int) -> Rollouts:
     """``settings.group_size`` rollouts of each question (``positions``: the questions' places in the run's question
     stream, which seed their draws)."""
     group = settings.group_size
     examples = [question for question in questions for _ in range(group)]
     seeds = [draw_seed(seed, rollout_step, position, g) for position in positions for g in range(group)]
-    batch = build_generation_batch(processor, examples, n_latent, engine.latent_token_id, image_size=image_size)
-    batch = {key: value.to(device, dtype) if value.is_floating_point() else value.to(device)
-             for key, value in batch.items()}
+    batch = place_batch(build_generation_batch(processor, examples, n_latent, engine.latent_token_id,
+                                               image_size=image_size), engine)
     policy = LatentPolicy(sigma=settings.sigma, tau=settings.tau, seeds=seeds)
     suppressed = suppressed_tokens(engine, tokenizer)
     out = engine.generate(**batch, max_new_tokens=settings.max_new_tokens, return_dict=True, intervention=policy,
                           do_sample=True, temperature=settings.temperature, return_log_probs=True,
                           suppress_tokens=suppressed,
-                          generator=torch.Generator(device=device).manual_seed(token_seed))
+                          generator=torch.Generator(device=batch["input_ids"].device).manual_seed(token_seed))
     texts = [tokenizer.decode(row[:length], skip_special_tokens=True)
              for row, length in zip(out.sequences.tolist(), out.lengths.tolist())]
     rewards = [reward_of(example, text, settings) for example, text in zip(examples, texts)]

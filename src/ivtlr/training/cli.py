@@ -9,7 +9,7 @@ import argparse
 import logging
 
 from ivtlr.backbones import check_tiny_family
-from ivtlr.config import load_config
+from ivtlr.config import Config, load_config
 from ivtlr.errors import check_output_dir
 
 
@@ -19,10 +19,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override config keys, e.g. lr=1e-4 dataset.limit=64 (dotted keys reach sections)")
 
 
-def run(args: argparse.Namespace) -> int:
+def checked_run_config(args: argparse.Namespace) -> Config:
+    """The config with its overrides, its output folder and its tiny family checked (``ivtlr train`` and ``ivtlr
+    rl``), before anything heavy is imported."""
     config = load_config(args.config, args.overrides)
     check_output_dir(config.run_dir, "save_path/name")
     check_tiny_family(config.model)
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    config = checked_run_config(args)
     from accelerate.logging import get_logger
 
     from ivtlr.training.trainer import train

@@ -148,12 +148,7 @@ class Trainer:
                                "applied and %s keeps the run's own: %s. To train with them, choose another name or "
                                "save_path (or raise num_epochs)", self.config.run_dir, path, changed)
             return
-        if changed:
-            logger.warning("continuing %s with settings that differ from its %s: %s", self.config.run_dir, path,
-                           changed)
-        tmp = path.with_name(f".{CONFIG_FILE}.tmp")
-        save_config(self.config, tmp)
-        os.replace(tmp, path)
+        record_config(self.config, changed)
 
     def _prepare_distributed(self, model) -> None:
         acc = self.accelerator
@@ -397,6 +392,18 @@ class _Run:
         self.checkpoint = save_checkpoint(
             self.acc, self.engine, components.processor, meta, self.trainer.checkpoint_root,
             lambda directory: save_training_state(self.acc, self.scheduler, directory), keep_last=config.keep_last)
+
+
+def record_config(config: Config, changed: str | None = None) -> None:
+    """Write the run's ``config.yaml`` (atomically), first warning about the settings that differ from the one it
+    replaces (``changed``: :func:`changed_settings`, computed here when not given)."""
+    path = config.run_dir / CONFIG_FILE
+    changed = changed_settings(path, config) if changed is None else changed
+    if changed:
+        logger.warning("continuing %s with settings that differ from its %s: %s", config.run_dir, path, changed)
+    tmp = path.with_name(f".{CONFIG_FILE}.tmp")
+    save_config(config, tmp)
+    os.replace(tmp, path)
 
 
 def clip_gradients(acc, engine, max_grad_norm: float | None) -> float | None:
